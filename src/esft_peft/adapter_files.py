@@ -1,0 +1,91 @@
+"""Safe file handling: atomic writes and up-front checks of adapter weight files (safetensors only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+PathLike = Union[str, os.PathLike]
+
+
+class CorruptAdapterError(ValueError):
+    """An adapter weights file is unreadable, truncated or not safetensors."""
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def verify_safetensors(path: PathLike) -> dict[str, Any]:
+    """Check a safetensors file's header and size without loading tensors; return its header.
+
+    Raises:
+        CorruptAdapterError: when the header is unreadable or the file is shorter/longer than its header says.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    advice = "Re-save the adapter or download it again."
+    with open(path, "rb") as stream:
+        prefix = stream.read(8)
+        if len(prefix) < 8:
+            raise CorruptAdapterError(f"{path} is not a safetensors file (only {size} bytes). {advice}")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise CorruptAdapterError(f"{path} is truncated: its header claims {header_len} bytes. {advice}")
+        try:
+            header = json.loads(stream.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CorruptAdapterError(f"{path} has an unreadable safetensors header ({error}). {advice}") from None
+    tensors = {key: value for key, value in header.items() if key != "__metadata__"}
+    try:
+        data_end = max((int(value["data_offsets"][1]) for value in tensors.values()), default=0)
+    except (TypeError, KeyError, ValueError, IndexError):
+        raise CorruptAdapterError(f"{path} has a malformed safetensors header. {advice}") from None
+    expected = 8 + header_len + data_end
+    if size != expected:
+        raise CorruptAdapterError(
+            f"{path} is corrupt or truncated: the header describes {expected} bytes but the file has {size}. {advice}"
+        )
+    return header
+
+
+def check_adapter_weights(model_id: PathLike, subfolder: Optional[str] = None, **hub_kwargs: Any) -> None:
+    """Refuse pickle-only adapters and check the safetensors weights of a local or Hub adapter before loading."""
+    local = Path(model_id, subfolder) if subfolder else Path(model_id)
+    if local.is_dir():
+        weights = local / SAFETENSORS_WEIGHTS_NAME
+        if not weights.is_file():
+            if (local / WEIGHTS_NAME).is_file():
+                raise CorruptAdapterError(
+                    f"{local} holds only {WEIGHTS_NAME} (a pickle). ESFT adapters are loaded from safetensors only; "
+                    f"convert it with a trusted tool to {SAFETENSORS_WEIGHTS_NAME}."
+                )
+            return  # peft reports the missing file itself
+        verify_safetensors(weights)
+        return
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        weights = hf_hub_download(str(model_id), SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
+    except EntryNotFoundError:
+        raise CorruptAdapterError(
+            f"The Hub repo {model_id} has no {SAFETENSORS_WEIGHTS_NAME}; ESFT adapters are loaded from safetensors only."
+        ) from None
+    verify_safetensors(weights)

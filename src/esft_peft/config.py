@@ -1,0 +1,162 @@
+"""``ESFTConfig``: which experts of which MoE layers an ESFT adapter trains."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from peft.config import PeftConfig
+
+from .registration import PEFT_TYPE_NAME
+
+LAYER_KEY_PATTERN = re.compile(r"^(?:encoder\.)?\d+$")
+ExpertMap = dict[Union[int, str], list[int]]
+
+
+def normalize_layer_key(key: Union[int, str]) -> str:
+    """``1``, ``"1"`` -> ``"1"``; ``"encoder.3"`` stays (encoder layers of encoder-decoder MoEs)."""
+    if isinstance(key, bool) or not isinstance(key, (int, str)):
+        raise ValueError(f"ESFT layer keys must be decoder-layer indices (int or str), got {key!r}.")
+    text = str(key).strip()
+    if not LAYER_KEY_PATTERN.match(text):
+        raise ValueError(
+            f"ESFT layer key {key!r} is not a layer index. Use the decoder-layer index (e.g. 1 or '1'), "
+            "or 'encoder.N' for encoder layers of encoder-decoder models."
+        )
+    prefix, _, number = text.rpartition(".")
+    return f"{prefix}.{int(number)}" if prefix else str(int(number))
+
+
+def normalize_experts(experts: ExpertMap) -> dict[str, list[int]]:
+    """Validate the per-layer expert lists (order kept) and make the keys JSON-friendly strings."""
+    if not isinstance(experts, dict):
+        raise ValueError(f"`experts` must map layer index -> list of expert ids, got {type(experts).__name__}.")
+    normalized: dict[str, list[int]] = {}
+    for key, ids in experts.items():
+        layer = normalize_layer_key(key)
+        if layer in normalized:
+            raise ValueError(f"Layer {layer} appears twice in `experts` (keys {key!r} and another spelling).")
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise ValueError(f"Layer {layer}: expert ids must be a list of ints, got {ids!r}.")
+        ids = list(ids)
+        if not ids:
+            raise ValueError(f"Layer {layer}: empty expert selection. Remove the layer or select at least one expert.")
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+        if bad:
+            raise ValueError(f"Layer {layer}: invalid expert ids {bad}; ids must be non-negative ints.")
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"Layer {layer}: duplicate expert ids {duplicates}.")
+        normalized[layer] = [int(i) for i in ids]
+    return dict(sorted(normalized.items(), key=lambda item: _layer_sort_key(item[0])))
+
+
+def _layer_sort_key(layer: str) -> tuple[int, int]:
+    prefix, _, number = layer.rpartition(".")
+    return (0 if prefix else 1, int(number))
+
+
+@dataclass
+class ESFTConfig(PeftConfig):
+    """Configuration of an Expert-Specialized Fine-Tuning adapter.
+
+    Args:
+        experts: Decoder-layer index -> routed-expert ids to train (the official ESFT expert-config indices).
+            Int or str keys are accepted; they are stored as strings. Order is kept (official configs list
+            experts by descending relevance) and fixes the row order of the saved deltas.
+        train_shared_experts: Also train the always-on shared experts of the listed layers (paper, Table 3).
+        train_non_expert_modules: ``True`` also trains every non-expert module with parameters inside the
+            decoder stack (attention, norms, dense MLPs) and the final norm; a list of module-name suffixes
+            selects modules explicitly. Embeddings and the LM head are only trained when named explicitly.
+        train_router: Also train the routers (gates) of the listed layers. Frozen by default, as in the paper.
+        modules_to_save: peft's usual list of extra modules to train and save in full (e.g. a new head).
+        base_model_type: ``model_type`` of the base the adapter was created on (filled at injection, checked on load).
+        base_layout: Per listed layer, the expert count and per-expert parameter shapes of the base (filled at
+            injection, checked on load so that an adapter for another base fails before weights are touched).
+        target_modules: Not used by ESFT (modules follow from ``experts``); must stay ``None``.
+    """
+
+    experts: dict[str, list[int]] = field(default_factory=dict, metadata={"help": "layer index -> expert ids"})
+    train_shared_experts: bool = field(default=False, metadata={"help": "also train shared experts"})
+    train_non_expert_modules: Union[bool, list[str]] = field(
+        default=False, metadata={"help": "also train non-expert modules (True or module-name suffixes)"}
+    )
+    train_router: bool = field(default=False, metadata={"help": "also train the routers of the listed layers"})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "extra modules trained in full"})
+    base_model_type: Optional[str] = field(default=None, metadata={"help": "filled at injection"})
+    base_layout: Optional[dict[str, Any]] = field(default=None, metadata={"help": "filled at injection"})
+    target_modules: Optional[list[str]] = field(default=None, metadata={"help": "unused by ESFT; keep None"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE_NAME
+        self.experts = normalize_experts(self.experts)
+        if not self.experts:
+            raise ValueError("ESFTConfig needs at least one layer in `experts`, e.g. ESFTConfig(experts={1: [0, 3]}).")
+        if self.target_modules is not None:
+            raise ValueError("ESFTConfig does not use `target_modules`; the wrapped modules follow from `experts`.")
+        if not isinstance(self.train_non_expert_modules, bool):
+            names = self.train_non_expert_modules
+            if isinstance(names, str) or not all(isinstance(name, str) and name for name in names):
+                raise ValueError("`train_non_expert_modules` must be a bool or a list of module-name suffixes.")
+            self.train_non_expert_modules = list(names)
+
+    @property
+    def num_selected_experts(self) -> int:
+        return sum(len(ids) for ids in self.experts.values())
+
+    @classmethod
+    def from_expert_config(cls, path_or_dict: Union[str, os.PathLike, dict], **kwargs: Any) -> "ESFTConfig":
+        """Build a config from the official ESFT expert-config format.
+
+        The format is ``{"experts": {"1": [8, 26], ...}, "shared_experts": false, "non_expert_modules": false}``
+        (a path to such a JSON file or the dict itself). Extra keyword arguments go to ``ESFTConfig``.
+        """
+        if isinstance(path_or_dict, dict):
+            data = path_or_dict
+        else:
+            with open(path_or_dict, encoding="utf-8") as handle:
+                data = json.load(handle)
+        if not isinstance(data, dict) or "experts" not in data:
+            raise ValueError(
+                "Not an ESFT expert config: expected a JSON object with an 'experts' mapping "
+                '(e.g. {"experts": {"1": [8, 26]}, "shared_experts": false, "non_expert_modules": false}).'
+            )
+        unknown = set(data) - {"experts", "shared_experts", "non_expert_modules"}
+        if unknown:
+            raise ValueError(f"Unknown keys in ESFT expert config: {sorted(unknown)}.")
+        return cls(
+            experts=data["experts"],
+            train_shared_experts=bool(data.get("shared_experts", False)),
+            train_non_expert_modules=bool(data.get("non_expert_modules", False)),
+            **kwargs,
+        )
+
+    def to_expert_config(self) -> dict[str, Any]:
+        """Return the selection in the official ESFT expert-config format."""
+        if not isinstance(self.train_non_expert_modules, bool):
+            raise ValueError("The official format only records non_expert_modules as a bool; this config lists modules.")
+        return {
+            "experts": {layer: list(ids) for layer, ids in self.experts.items()},
+            "shared_experts": self.train_shared_experts,
+            "non_expert_modules": self.train_non_expert_modules,
+        }
+
+    def save_expert_config(self, path: Union[str, os.PathLike]) -> None:
+        """Write :meth:`to_expert_config` as JSON (atomically)."""
+        from .adapter_files import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_expert_config(), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
+        """Load ``adapter_config.json`` and check that the adapter weights are a sound safetensors file."""
+        from .adapter_files import check_adapter_weights
+
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        hub_kwargs, _, _ = cls._split_kwargs(kwargs)
+        check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        return config

@@ -1,0 +1,172 @@
+"""Per-family expert math: how to read one expert's weights and how its output changes under a delta.
+
+Every layout computes, for the tokens routed to a selected expert, ``f(x; W + delta) - f(x; W)`` with the delta
+kept as a separate term (``x @ W + x @ delta``), and adds it to the unchanged base output. With a zero delta the
+correction is exactly zero, so the base output is reproduced bit for bit, whatever experts implementation
+(eager, grouped_mm, batched_mm) produced it; small bf16 deltas are not rounded away in the forward either.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .moe_structure import DENSE_BMM, FUSED, PARALLEL_LINEAR, SPLIT_GLU
+
+Deltas = dict[str, torch.Tensor]  # parameter name -> (k, *per-expert shape) rows, aligned with expert ids
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return x @ weight if transposed else F.linear(x, weight)
+
+
+class ExpertsLayout:
+    """Base class: expert-indexed views of the base weights, merge support and the forward correction."""
+
+    def expert_views(self, experts: nn.Module) -> dict[str, torch.Tensor]:
+        """Parameter name -> tensor of shape (num_experts, ...) viewing the base weights (shares storage)."""
+        raise NotImplementedError
+
+    def correct(self, experts: nn.Module, out, ids: list[int], deltas: Deltas, args: tuple, kwargs: dict):
+        """Return ``out`` (the base call's output) with the selected experts' delta contributions added."""
+        raise NotImplementedError
+
+
+def _routed_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = list(args) + [kwargs[name] for name in names[len(args) :]]
+    return values[0], values[1], values[2]
+
+
+class RoutedLayout(ExpertsLayout):
+    """Experts called as ``experts(hidden[T, H], top_k_index[T, K], top_k_weights[T, K])``."""
+
+    def expert_diff(self, experts: nn.Module, x: torch.Tensor, expert: int, delta: Deltas) -> torch.Tensor:
+        raise NotImplementedError
+
+    def correct(self, experts, out, ids, deltas, args, kwargs):
+        hidden, top_k_index, top_k_weights = _routed_inputs(args, kwargs)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        flat = out.reshape(-1, out.shape[-1])
+        for row, expert in enumerate(ids):
+            token_idx, slot = torch.where(top_k_index == expert)
+            if token_idx.numel() == 0:
+                continue
+            x = hidden[token_idx]
+            delta = {name: tensor[row].to(x.dtype) for name, tensor in deltas.items()}
+            diff = self.expert_diff(experts, x, expert, delta) * top_k_weights[token_idx, slot, None]
+            flat = flat.index_add(0, token_idx, diff.to(flat.dtype))
+        return flat.view(out.shape)
+
+
+class FusedLayout(RoutedLayout):
+    """transformers' ``@use_experts_implementation`` experts (all layout flags honoured, gpt_oss included)."""
+
+    def __init__(self, experts: nn.Module):
+        self.up = "gate_up_proj" if experts.has_gate else "up_proj"
+        self.names = [self.up, "down_proj"]
+        if experts.has_bias:
+            self.names += [f"{self.up}_bias", "down_proj_bias"]
+
+    def expert_views(self, experts):
+        return {name: getattr(experts, name) for name in self.names}
+
+    def expert_diff(self, experts, x, expert, delta):
+        transposed = experts.is_transposed
+        up_w, down_w = getattr(experts, self.up)[expert], experts.down_proj[expert]
+        a0 = _linear(x, up_w, transposed)
+        a = a0 + _linear(x, delta[self.up], transposed)
+        if experts.has_bias:
+            a0 = a0 + getattr(experts, f"{self.up}_bias")[expert]
+            a = a + getattr(experts, f"{self.up}_bias")[expert] + delta[f"{self.up}_bias"]
+        activate = experts._apply_gate if experts.has_gate else experts.act_fn
+        h0, h = activate(a0), activate(a)
+        diff = _linear(h - h0, down_w, transposed) + _linear(h, delta["down_proj"], transposed)
+        if experts.has_bias:
+            diff = diff + delta["down_proj_bias"]
+        if experts.has_post_expert_norm:
+            y0 = _linear(h0, down_w, transposed)
+            if experts.has_bias:
+                y0 = y0 + experts.down_proj_bias[expert]
+            diff = experts.post_expert_norm(y0 + diff) - experts.post_expert_norm(y0)
+        return diff
+
+
+class SplitGluLayout(RoutedLayout):
+    """dbrx: ``experts.mlp.{w1, v1, w2}`` of shape (E * I, H); out = (act(x w1^T) * x v1^T) w2."""
+
+    names = ("w1", "v1", "w2")
+
+    def expert_views(self, experts):
+        mlp = experts.mlp
+        return {name: getattr(mlp, name).view(experts.num_experts, -1, mlp.hidden_size) for name in self.names}
+
+    def expert_diff(self, experts, x, expert, delta):
+        views = self.expert_views(experts)
+        w1, v1, w2 = (views[name][expert] for name in self.names)
+        act = experts.mlp.activation_fn
+        g0, u0 = F.linear(x, w1), F.linear(x, v1)
+        g, u = g0 + F.linear(x, delta["w1"]), u0 + F.linear(x, delta["v1"])
+        h0, h = act(g0) * u0, act(g) * u
+        return (h - h0) @ w2 + h @ delta["w2"]
+
+
+class DenseBmmLayout(ExpertsLayout):
+    """llama4: ``experts(x[E * T, H])`` with inputs pre-scaled by the router; weights transposed (E, H, 2I)."""
+
+    names = ("gate_up_proj", "down_proj")
+
+    def expert_views(self, experts):
+        return {name: getattr(experts, name) for name in self.names}
+
+    def correct(self, experts, out, ids, deltas, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        per_expert = hidden.view(experts.num_experts, -1, hidden.shape[-1])
+        diffs = []
+        for row, expert in enumerate(ids):
+            x = per_expert[expert]
+            gate_up_w, down_w = experts.gate_up_proj[expert], experts.down_proj[expert]
+            a0 = x @ gate_up_w
+            a = a0 + x @ deltas["gate_up_proj"][row].to(x.dtype)
+            gate0, up0 = a0.chunk(2, dim=-1)
+            gate, up = a.chunk(2, dim=-1)
+            h0, h = up0 * experts.act_fn(gate0), up * experts.act_fn(gate)
+            diffs.append((h - h0) @ down_w + h @ deltas["down_proj"][row].to(x.dtype))
+        index = torch.tensor(ids, device=out.device)
+        corrected = out.view(experts.num_experts, -1, out.shape[-1]).index_add(0, index, torch.stack(diffs).to(out.dtype))
+        return corrected.view(out.shape)
+
+
+class ParallelLinearLayout(ExpertsLayout):
+    """jetmoe: ``linear(inputs sorted by expert, expert_size)`` with weight (E, out, in); purely linear."""
+
+    names = ("weight",)
+
+    def expert_views(self, experts):
+        return {"weight": experts.weight}
+
+    def correct(self, experts, out, ids, deltas, args, kwargs):
+        inputs = args[0] if args else kwargs["inputs"]
+        expert_size = args[1] if len(args) > 1 else kwargs["expert_size"]
+        sizes = [int(size) for size in expert_size]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        for row, expert in enumerate(ids):
+            if sizes[expert] == 0:
+                continue
+            rows = torch.arange(starts[expert], starts[expert] + sizes[expert], device=out.device)
+            extra = F.linear(inputs[rows], deltas["weight"][row].to(inputs.dtype))
+            out = out.index_add(0, rows, extra.to(out.dtype))
+        return out
+
+
+def layout_for(kind: str, experts: nn.Module) -> ExpertsLayout:
+    if kind == FUSED:
+        return FusedLayout(experts)
+    if kind == SPLIT_GLU:
+        return SplitGluLayout()
+    if kind == DENSE_BMM:
+        return DenseBmmLayout()
+    if kind == PARALLEL_LINEAR:
+        return ParallelLinearLayout()
+    raise NotImplementedError(f"No fused-experts layout for kind {kind!r}.")

@@ -1,0 +1,245 @@
+"""Tuner layers: trainable additive deltas for selected experts, and for whole modules."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from torch.func import functional_call
+
+from .expert_layouts import ExpertsLayout, layout_for
+
+logger = logging.getLogger(__name__)
+
+# A merge into a low-precision base is reported when this fraction of the delta's norm is rounded away.
+MERGE_LOSS_WARNING = 0.01
+
+
+def _report_merge_loss(where: str, adapter: str, intended: torch.Tensor, applied: torch.Tensor) -> None:
+    norm = intended.float().norm()
+    if norm == 0:
+        return
+    lost = ((applied.float() - intended.float()).norm() / norm).item()
+    if lost > MERGE_LOSS_WARNING:
+        logger.warning(
+            "Merging adapter %r into %s (%s) rounded away %.1f%% of the update's norm. Keep the adapter unmerged, "
+            "or merge into a float32 copy of the base, to keep the full update.",
+            adapter, where, str(applied.dtype).removeprefix("torch."), 100 * lost,
+        )
+
+
+class ESFTLayer(BaseTunerLayer):
+    """Common state of ESFT tuner layers: ``esft_delta[adapter]`` holds the trainable deltas."""
+
+    adapter_layer_names = ("esft_delta",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        self.base_layer = base_layer
+        self.esft_delta = nn.ModuleDict()
+        self._merge_backup: dict[str, dict[str, torch.Tensor]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def _base_param(self) -> torch.Tensor:
+        return next(self.get_base_layer().parameters())
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        target = device if device is not None else self._base_param().device
+        if adapter_name in self.esft_delta:
+            self.esft_delta[adapter_name] = self.esft_delta[adapter_name].to(target)
+
+    def _active_names(self) -> list[str]:
+        return [name for name in self.active_adapters if name in self.esft_delta]
+
+
+
+class ExpertsDeltaLayer(nn.Module, ESFTLayer):
+    """Wraps an experts container; holds one zero-initialised delta row per *selected* expert.
+
+    ``esft_delta[adapter][param]`` has shape ``(len(ids), *per_expert_shape)``; row ``j`` belongs to expert
+    ``esft_expert_ids[adapter][j]``. The base experts run unchanged (any experts implementation); the layout
+    adds the selected experts' delta contributions, so cost and memory follow the selection.
+    """
+
+    other_param_names = ("esft_expert_ids",)
+
+    def __init__(self, base_layer: nn.Module, kind: str, adapter_name: str, expert_ids: list[int]) -> None:
+        super().__init__()
+        ESFTLayer.__init__(self, base_layer)
+        self.kind = kind
+        self.layout: ExpertsLayout = layout_for(kind, base_layer)
+        self.esft_expert_ids: dict[str, list[int]] = {}
+        self.update_layer(adapter_name, expert_ids)
+
+    def update_layer(self, adapter_name: str, expert_ids: list[int]) -> None:
+        views = self.layout.expert_views(self.get_base_layer())
+        deltas = nn.ParameterDict(
+            {
+                name: nn.Parameter(torch.zeros((len(expert_ids), *view.shape[1:]), dtype=view.dtype, device=view.device))
+                for name, view in views.items()
+            }
+        )
+        self.esft_delta[adapter_name] = deltas
+        self.esft_expert_ids[adapter_name] = list(expert_ids)
+        self.set_adapter(self.active_adapters)
+
+    def active_deltas(self, adapters: list[str]) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """Expert ids and delta rows of the active adapters; overlapping experts get the sum of their deltas."""
+        if len(adapters) == 1:
+            name = adapters[0]
+            return self.esft_expert_ids[name], dict(self.esft_delta[name].items())
+        ids = sorted({e for name in adapters for e in self.esft_expert_ids[name]})
+        combined = {}
+        for param in self.layout.expert_views(self.get_base_layer()):
+            rows = []
+            for expert in ids:
+                parts = [
+                    self.esft_delta[name][param][self.esft_expert_ids[name].index(expert)]
+                    for name in adapters
+                    if expert in self.esft_expert_ids[name]
+                ]
+                rows.append(torch.stack(parts).sum(0) if len(parts) > 1 else parts[0])
+            combined[param] = torch.stack(rows)
+        return ids, combined
+
+    def forward(self, *args: Any, **kwargs: Any):
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(*args, **kwargs)
+        out = self.base_layer(*args, **kwargs)
+        active = self._active_names()
+        if self.merged or not active:
+            return out
+        ids, deltas = self.active_deltas(active)
+        out = self.layout.correct(self.get_base_layer(), out, ids, deltas, args, kwargs)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in deltas.values()):
+            # Experts that received no token this step still join the graph (with zero gradient), so that DDP
+            # and FSDP never see unused parameters. Adding 0 leaves the output unchanged.
+            out = out + sum(t.sum() for t in deltas.values()).to(out.dtype) * 0
+        return out
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        views = self.layout.expert_views(self.get_base_layer())
+        with torch.no_grad():
+            for adapter in adapter_names:
+                if adapter not in self.esft_delta:
+                    continue
+                index = torch.tensor(self.esft_expert_ids[adapter], device=self._base_param().device)
+                backup, merged = {}, {}
+                for name, view in views.items():
+                    delta = self.esft_delta[adapter][name]
+                    backup[name] = view[index].clone()
+                    merged[name] = (backup[name].to(delta.dtype) + delta).to(view.dtype)
+                    if safe_merge and not torch.isfinite(merged[name]).all():
+                        raise ValueError(f"NaNs/Infs detected when merging adapter {adapter!r}; nothing was merged.")
+                for name, view in views.items():
+                    view[index] = merged[name]
+                    _report_merge_loss(
+                        f"experts {self.esft_expert_ids[adapter]} ({name})", adapter,
+                        self.esft_delta[adapter][name], merged[name].float() - backup[name].float(),
+                    )
+                self._merge_backup[adapter] = backup
+                self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Restore the exact base weights saved at merge time (bit-identical round trip)."""
+        if not self.merged:
+            logger.warning("Already unmerged. Nothing to do.")
+            return
+        views = self.layout.expert_views(self.get_base_layer())
+        with torch.no_grad():
+            while self.merged_adapters:
+                adapter = self.merged_adapters.pop()
+                index = torch.tensor(self.esft_expert_ids[adapter], device=self._base_param().device)
+                for name, saved in self._merge_backup.pop(adapter).items():
+                    views[name][index] = saved
+
+    def __repr__(self) -> str:
+        selected = {name: ids for name, ids in self.esft_expert_ids.items()}
+        return f"esft.{type(self).__name__}(kind={self.kind}, experts={selected})\n  ({self.get_base_layer()!r})"
+
+
+class ModuleDeltaLayer(nn.Module, ESFTLayer):
+    """Wraps a module that owns parameters (a Linear of a ModuleList expert, a shared expert's projection, a norm,
+    a router, ...); holds one zero-initialised delta per direct parameter.
+
+    Linear layers add ``F.linear(x, delta_w, delta_b)`` to the base output; other modules run with
+    ``weight + delta`` through ``torch.func.functional_call``. A zero delta reproduces the base exactly.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        ESFTLayer.__init__(self, base_layer)
+        self.update_layer(adapter_name)
+
+    def update_layer(self, adapter_name: str, *_: Any) -> None:
+        params = dict(self.get_base_layer().named_parameters(recurse=False))
+        self.esft_delta[adapter_name] = nn.ParameterDict(
+            {name: nn.Parameter(torch.zeros_like(param, requires_grad=False)) for name, param in params.items()}
+        )
+        self.set_adapter(self.active_adapters)
+
+    def _summed(self, adapters: list[str]) -> dict[str, torch.Tensor]:
+        total: dict[str, torch.Tensor] = {}
+        for adapter in adapters:
+            for name, delta in self.esft_delta[adapter].items():
+                total[name] = total[name] + delta if name in total else delta
+        return total
+
+    def forward(self, *args: Any, **kwargs: Any):
+        base = self.get_base_layer()
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(*args, **kwargs)
+        active = self._active_names()
+        if self.merged or not active:
+            return self.base_layer(*args, **kwargs)
+        deltas = self._summed(active)
+        if isinstance(base, nn.Linear):
+            x = args[0] if args else kwargs["input"]
+            bias = deltas["bias"].to(x.dtype) if "bias" in deltas else None
+            return self.base_layer(*args, **kwargs) + F.linear(x, deltas["weight"].to(x.dtype), bias)
+        params = dict(base.named_parameters(recurse=False))
+        replaced = {name: (params[name].to(delta.dtype) + delta).to(params[name].dtype) for name, delta in deltas.items()}
+        return functional_call(base, replaced, args, kwargs, strict=False)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        params = dict(self.get_base_layer().named_parameters(recurse=False))
+        with torch.no_grad():
+            for adapter in adapter_names:
+                if adapter not in self.esft_delta:
+                    continue
+                backup = {name: params[name].detach().clone() for name in self.esft_delta[adapter]}
+                merged = {
+                    name: (backup[name].to(delta.dtype) + delta).to(backup[name].dtype)
+                    for name, delta in self.esft_delta[adapter].items()
+                }
+                if safe_merge and not all(torch.isfinite(t).all() for t in merged.values()):
+                    raise ValueError(f"NaNs/Infs detected when merging adapter {adapter!r}; nothing was merged.")
+                for name, value in merged.items():
+                    params[name].copy_(value)
+                    _report_merge_loss(name, adapter, self.esft_delta[adapter][name], value.float() - backup[name].float())
+                self._merge_backup[adapter] = backup
+                self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Restore the exact base weights saved at merge time (bit-identical round trip)."""
+        if not self.merged:
+            logger.warning("Already unmerged. Nothing to do.")
+            return
+        params = dict(self.get_base_layer().named_parameters(recurse=False))
+        with torch.no_grad():
+            while self.merged_adapters:
+                for name, saved in self._merge_backup.pop(self.merged_adapters.pop()).items():
+                    params[name].copy_(saved)
+
+    def __repr__(self) -> str:
+        return f"esft.{type(self).__name__}(adapters={sorted(self.esft_delta)})\n  ({self.get_base_layer()!r})"

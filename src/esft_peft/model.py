@@ -1,0 +1,107 @@
+"""``ESFTModel``: the peft tuner that injects ESFT delta layers."""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .config import ESFTConfig
+from .layer import ESFTLayer, ExpertsDeltaLayer, ModuleDeltaLayer
+from .targets import MODULE, plan_targets
+
+PLAN_ATTRIBUTE = "_esft_plan"
+
+
+class ESFTModel(BaseTuner):
+    """Creates an ESFT model: the selected routed experts (and optional extra modules) get trainable deltas.
+
+    Use it through peft: ``get_peft_model(model, ESFTConfig(experts={1: [8, 26]}))``.
+    """
+
+    prefix: str = "esft_"
+    tuner_layer_cls = ESFTLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: ESFTConfig, model_config: dict) -> ESFTConfig:
+        setattr(peft_config, PLAN_ATTRIBUTE, plan_targets(self.model, peft_config))
+        return peft_config
+
+    def _check_target_module_exists(self, peft_config: ESFTConfig, key: str) -> bool:
+        return key in getattr(peft_config, PLAN_ATTRIBUTE)
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key) -> None:
+        spec = getattr(peft_config, PLAN_ATTRIBUTE)[current_key]
+        if isinstance(target, ESFTLayer):
+            target.update_layer(adapter_name, list(spec.expert_ids))
+            return
+        if spec.kind == MODULE:
+            new_module = ModuleDeltaLayer(target, adapter_name)
+        else:
+            new_module = ExpertsDeltaLayer(target, spec.kind, adapter_name, list(spec.expert_ids))
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # Experts containers have no `.weight`; deltas are created on the base's device already.
+        setattr(parent, child_name, new_module)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Combine ESFT adapters into a new one: per expert, the weighted sum of the deltas of the adapters that
+        train it (with weight 1, disjoint expert sets give their exact union).
+        """
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError("Give one weight per adapter (at least one adapter).")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists.")
+        missing = [name for name in adapters if name not in self.peft_config]
+        if missing:
+            raise ValueError(f"Unknown adapters {missing}; available: {sorted(self.peft_config)}.")
+        configs = [self.peft_config[name] for name in adapters]
+        if not all(isinstance(config, ESFTConfig) for config in configs):
+            raise ValueError("add_weighted_adapter combines ESFT adapters only.")
+        experts: dict[str, list[int]] = {}
+        for config in configs:
+            for layer, ids in config.experts.items():
+                experts.setdefault(layer, [])
+                experts[layer] += [e for e in ids if e not in experts[layer]]
+        non_expert = [config.train_non_expert_modules for config in configs]
+        combined = ESFTConfig(
+            experts=experts,
+            train_shared_experts=any(config.train_shared_experts for config in configs),
+            train_non_expert_modules=True
+            if any(value is True for value in non_expert)
+            else sorted({name for value in non_expert if value for name in value}) or False,
+            train_router=any(config.train_router for config in configs),
+            base_model_name_or_path=configs[0].base_model_name_or_path,
+            inference_mode=configs[0].inference_mode,
+        )
+        self.peft_config[adapter_name] = combined
+        self.inject_adapter(self.model, adapter_name)
+        with torch.no_grad():
+            for module in self.model.modules():
+                if isinstance(module, ESFTLayer) and adapter_name in module.esft_delta:
+                    _fill_weighted(module, adapters, weights, adapter_name)
+        self.set_adapter(self.active_adapters)
+
+
+def _fill_weighted(module: ESFTLayer, adapters: list[str], weights: list[float], target: str) -> None:
+    sources = [(name, weight) for name, weight in zip(adapters, weights) if name in module.esft_delta]
+    new = module.esft_delta[target]
+    for param in list(new.keys()):
+        if isinstance(module, ExpertsDeltaLayer):
+            rows = []
+            for expert in module.esft_expert_ids[target]:
+                parts = [
+                    weight * module.esft_delta[name][param][module.esft_expert_ids[name].index(expert)]
+                    for name, weight in sources
+                    if expert in module.esft_expert_ids[name]
+                ]
+                rows.append(torch.stack(parts).sum(0) if len(parts) > 1 else parts[0])
+            value = torch.stack(rows)
+        else:
+            parts = [weight * module.esft_delta[name][param] for name, weight in sources]
+            value = torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
+        new[param] = nn.Parameter(value.detach().clone(), requires_grad=False)
+

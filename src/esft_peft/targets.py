@@ -1,0 +1,130 @@
+"""Which modules an ESFT config wraps, validated against the model's MoE structure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import ESFTConfig
+from .moe_structure import MODULE_LIST, MoELayer, find_moe_layers, named_base_modules, parameter_modules
+
+MODULE = "module"  # a whole module trained through a ModuleDeltaLayer
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str  # MODULE or an experts layout kind
+    expert_ids: tuple[int, ...] = field(default=())
+
+
+def _layer_range(layers: dict[str, MoELayer]) -> str:
+    keys = list(layers)
+    return ", ".join(keys) if len(keys) <= 12 else f"{', '.join(keys[:6])}, ..., {', '.join(keys[-3:])}"
+
+
+def validate_selection(experts: dict[str, list[int]], layers: dict[str, MoELayer]) -> None:
+    """ValueError naming the layer, the bad ids and the valid range for any selection the model cannot take."""
+    for key, ids in experts.items():
+        if key not in layers:
+            raise ValueError(
+                f"Layer {key} is not an MoE layer of this model (selected experts {ids}). "
+                f"MoE layers: {_layer_range(layers)}."
+            )
+        count = layers[key].num_experts
+        bad = [i for i in ids if not 0 <= i < count]
+        if bad:
+            raise ValueError(f"Layer {key}: expert ids {bad} are out of range; valid ids are 0..{count - 1}.")
+
+
+def base_layout(model: nn.Module, layers: dict[str, MoELayer], keys: list[str]) -> dict[str, dict]:
+    """Expert count and per-expert parameter shapes of the listed layers (the adapter's compatibility record)."""
+    from .expert_layouts import layout_for
+
+    modules = dict(named_base_modules(model))
+    record = {}
+    for key in keys:
+        layer = layers[key]
+        if layer.kind == MODULE_LIST:
+            first = modules[layer.expert_modules[min(layer.expert_modules)]]
+            shapes = {name: list(p.shape) for name, p in first.named_parameters()}
+        else:
+            shapes = {}
+            for target in layer.expert_targets:
+                views = layout_for(layer.kind, modules[target]).expert_views(modules[target])
+                suffix = target.removeprefix(layer.experts_name).lstrip(".")
+                shapes.update({f"{suffix}.{n}" if suffix else n: list(v.shape[1:]) for n, v in views.items()})
+        record[key] = {"kind": layer.kind, "num_experts": layer.num_experts, "expert_shapes": shapes}
+    return record
+
+
+def check_base_compatibility(config: ESFTConfig, model: nn.Module, layers: dict[str, MoELayer]) -> None:
+    """Record the base's identity in the config, or, when already recorded (a loaded adapter), check it matches."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    actual = base_layout(model, layers, list(config.experts))
+    if config.base_model_type is None and config.base_layout is None:
+        config.base_model_type, config.base_layout = model_type, actual
+        return
+    if config.base_model_type is not None and model_type is not None and config.base_model_type != model_type:
+        raise ValueError(
+            f"This ESFT adapter was created for a '{config.base_model_type}' model, but the base model is "
+            f"'{model_type}'. Load it onto the base model it was trained on."
+        )
+    for key, expected in (config.base_layout or {}).items():
+        found = actual.get(key)
+        if found != expected:
+            raise ValueError(
+                f"Layer {key}: the adapter expects {expected['num_experts']} experts with per-expert shapes "
+                f"{expected['expert_shapes']}, but the base model has {found['num_experts']} experts with shapes "
+                f"{found['expert_shapes']}. The adapter belongs to another base model; no weights were loaded."
+            )
+
+
+def _dense_targets(model: nn.Module, roots: list[str]) -> dict[str, Target]:
+    return {name: Target(MODULE) for root in roots for name in parameter_modules(model, root)}
+
+
+def _non_expert_targets(model: nn.Module, config: ESFTConfig, layers: dict[str, MoELayer]) -> dict[str, Target]:
+    excluded = [l.experts_name for l in layers.values()] + [n for l in layers.values() for n in l.shared_names]
+    excluded += [n for l in layers.values() for n in l.router_names]
+    is_excluded = lambda name: any(name == p or name.startswith(p + ".") for p in excluded)  # noqa: E731
+    owners = [name for name in parameter_modules(model, "") if name and not is_excluded(name)]
+    if config.train_non_expert_modules is True:
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        modules = dict(named_base_modules(model))
+        chosen = [n for n in owners if not isinstance(modules[n], nn.Embedding) and modules[n] is not output]
+    else:
+        suffixes = config.train_non_expert_modules
+        chosen = [n for n in owners if any(n == s or n.endswith("." + s) for s in suffixes)]
+        if not chosen:
+            raise ValueError(
+                f"train_non_expert_modules={suffixes} matched no non-expert module with parameters. "
+                "Give module-name suffixes such as 'self_attn.q_proj' or 'input_layernorm'."
+            )
+    return {name: Target(MODULE) for name in chosen}
+
+
+def plan_targets(model: nn.Module, config: ESFTConfig) -> dict[str, Target]:
+    """Module name -> what to wrap it with, for one adapter config. Validates before anything is touched."""
+    layers = find_moe_layers(model)
+    validate_selection(config.experts, layers)
+    check_base_compatibility(config, model, layers)
+    plan: dict[str, Target] = {}
+    for key, ids in config.experts.items():
+        layer = layers[key]
+        if layer.kind == MODULE_LIST:
+            plan.update(_dense_targets(model, [layer.expert_modules[e] for e in ids]))
+        else:
+            plan.update({name: Target(layer.kind, tuple(ids)) for name in layer.expert_targets})
+        if config.train_shared_experts:
+            if not layer.shared_names:
+                raise ValueError(
+                    f"train_shared_experts=True, but MoE layer {key} has no shared experts "
+                    "(looked for modules named like 'shared_expert(s)' / 'shared_mlp'). Set it to False."
+                )
+            plan.update(_dense_targets(model, layer.shared_names))
+        if config.train_router:
+            plan.update(_dense_targets(model, layer.router_names))
+    if config.train_non_expert_modules:
+        plan.update(_non_expert_targets(model, config, layers))
+    return plan
