@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
+from peft.utils import PeftType
 
 from .registration import PEFT_TYPE_NAME
 
@@ -92,7 +93,7 @@ class ESFTConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = PEFT_TYPE_NAME
+        self.peft_type = PeftType(PEFT_TYPE_NAME)
         self.experts = normalize_experts(self.experts)
         if not self.experts:
             raise ValueError("ESFTConfig needs at least one layer in `experts`, e.g. ESFTConfig(experts={1: [0, 3]}).")

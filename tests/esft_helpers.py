@@ -1,0 +1,62 @@
+"""Shared helpers for the tuner tests: selections, a few training steps, checkpoint inspection."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from esft_peft import find_moe_layers
+
+VOCAB = 96
+
+
+def batch(seed: int = 0, size: tuple[int, int] = (4, 16)) -> torch.Tensor:
+    return torch.randint(0, VOCAB, size, generator=torch.Generator().manual_seed(seed))
+
+
+def selection(model: nn.Module, variant: int = 0) -> dict[str, list[int]]:
+    """Two MoE layers with a few experts each; variant 1 picks a different set."""
+    layers = list(find_moe_layers(model).values())[:2]
+    if variant == 0:
+        return {layer.key: [0, layer.num_experts - 1] for layer in layers}
+    return {layers[0].key: [1, 2]}
+
+
+def train_steps(model: nn.Module, steps: int = 2, lr: float = 1e-2, seed: int = 0) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    for step in range(steps):
+        ids = batch(seed + step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def logits(model: nn.Module, seed: int = 100) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch(seed)).logits
+
+
+def delta_params(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if f".esft_delta.{adapter}." in n}
+
+
+def safetensors_layout(path: Path) -> tuple[dict, int]:
+    """Header and tensor-data byte count of a safetensors file."""
+    raw = Path(path).read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])
+    return header, len(raw) - 8 - header_len
+
+
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def base_of(peft_model: PeftModel) -> nn.Module:
+    return peft_model.get_base_model()
