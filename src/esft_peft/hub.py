@@ -1,0 +1,146 @@
+"""Hugging Face Hub support for ESFT adapters: a generated model card and ``push_adapter``.
+
+Loading needs nothing special: ``PeftModel.from_pretrained(base, "org/name")`` resolves the repo id through
+huggingface_hub (cache, offline mode and revisions included) once ``esft_peft`` is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+from peft import PeftModel
+
+from .config import ESFTConfig
+from .moe_structure import find_moe_layers
+
+logger = logging.getLogger(__name__)
+
+CARD_NAME = "README.md"
+CARD_TAGS = ("esft", "moe", "peft", "mixture-of-experts")
+
+
+def adapter_statistics(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, float]:
+    """Parameter counts of ``adapter_name``: adapter parameters, base parameters and the trainable fraction."""
+    marker = f".esft_delta.{adapter_name}."
+    adapter = sum(p.numel() for n, p in peft_model.named_parameters() if marker in n)
+    base = sum(p.numel() for n, p in peft_model.named_parameters() if ".esft_delta." not in n)
+    return {"adapter_parameters": adapter, "base_parameters": base, "trainable_fraction": adapter / base if base else 0.0}
+
+
+def _expert_table(config: ESFTConfig, totals: dict[str, int]) -> str:
+    rows = ["| layer | trained experts | of |", "| --- | --- | --- |"]
+    for layer, ids in config.experts.items():
+        rows.append(f"| {layer} | {', '.join(map(str, ids))} | {totals.get(layer, '?')} |")
+    return "\n".join(rows)
+
+
+def model_card_text(
+    peft_model: PeftModel, repo_id: Optional[str] = None, adapter_name: str = "default",
+    description: Optional[str] = None,
+) -> str:
+    """The model card (YAML metadata + Markdown) of an ESFT adapter."""
+    config = peft_model.peft_config[adapter_name]
+    if not isinstance(config, ESFTConfig):
+        raise ValueError(f"Adapter {adapter_name!r} is not an ESFT adapter.")
+    base = config.base_model_name_or_path or "BASE_MODEL"
+    totals = {key: layer.num_experts for key, layer in find_moe_layers(peft_model.base_model.model).items()}
+    stats = adapter_statistics(peft_model, adapter_name)
+    extras = [
+        name for name, on in (
+            ("shared experts", config.train_shared_experts),
+            ("non-expert modules", bool(config.train_non_expert_modules)),
+            ("routers", config.train_router),
+        ) if on
+    ]
+    metadata = ["---", f"base_model: {base}", "library_name: peft", "tags:", *[f"- {tag}" for tag in CARD_TAGS]]
+    metadata += ["pipeline_tag: text-generation", "---", ""]
+    body = f"""# ESFT adapter{f' {repo_id}' if repo_id else ''}
+
+{description or 'An Expert-Specialized Fine-Tuning (ESFT) adapter made with esft-peft.'}
+ESFT trains only the routed experts most relevant to the task, layer by layer; everything else stays frozen.
+
+- Base model: `{base}` ({config.base_model_type or 'unknown'} architecture)
+- Trained: {config.num_selected_experts} routed experts in {len(config.experts)} MoE layers\
+{' plus ' + ', '.join(extras) if extras else ''}
+- Adapter parameters: {stats['adapter_parameters']:,} ({100 * stats['trainable_fraction']:.2f}% of the base's \
+{stats['base_parameters']:,})
+
+## Usage
+
+```python
+import esft_peft  # registers the ESFT method with peft
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained("{base}")
+model = PeftModel.from_pretrained(base, "{repo_id or 'PATH_OR_REPO_ID'}")
+merged = model.merge_and_unload()  # optional: a plain transformers model
+```
+
+## Trained experts
+
+{_expert_table(config, totals)}
+
+In the official ESFT expert-config format:
+
+```json
+{_official_json(config)}
+```
+"""
+    return "\n".join(metadata) + body
+
+
+def _official_json(config: ESFTConfig) -> str:
+    expert_config = {"experts": config.experts, "shared_experts": config.train_shared_experts,
+                     "non_expert_modules": bool(config.train_non_expert_modules)}
+    return json.dumps(expert_config)
+
+
+def write_model_card(
+    peft_model: PeftModel, directory: Union[str, os.PathLike], repo_id: Optional[str] = None,
+    adapter_name: str = "default", description: Optional[str] = None,
+) -> Path:
+    """Write the adapter's model card to ``directory/README.md`` (atomically); returns its path."""
+    from .adapter_files import atomic_write_text
+
+    path = Path(directory) / CARD_NAME
+    atomic_write_text(path, model_card_text(peft_model, repo_id, adapter_name, description))
+    return path
+
+
+def push_adapter(
+    peft_model: PeftModel,
+    repo_id: str,
+    adapter_name: str = "default",
+    private: Optional[bool] = None,
+    token: Optional[Union[str, bool]] = None,
+    revision: Optional[str] = None,
+    commit_message: str = "Upload ESFT adapter",
+    create_pr: bool = False,
+    description: Optional[str] = None,
+):
+    """Upload an ESFT adapter (weights, ``adapter_config.json``, generated model card) to the Hub in one commit.
+
+    Returns huggingface_hub's ``CommitInfo``.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name])
+        source = Path(tmp) / adapter_name if adapter_name != "default" else Path(tmp)
+        write_model_card(peft_model, source, repo_id, adapter_name, description)
+        operations = [
+            CommitOperationAdd(path_in_repo=path.relative_to(source).as_posix(), path_or_fileobj=str(path))
+            for path in sorted(source.rglob("*")) if path.is_file()
+        ]
+        logger.info("Uploading %d files to %s", len(operations), repo_id)
+        return api.create_commit(
+            repo_id, operations, commit_message=commit_message, revision=revision, create_pr=create_pr
+        )

@@ -1,0 +1,264 @@
+"""Interoperability with the adapter format of the ESFT authors (deepseek-ai/ESFT).
+
+An official ESFT adapter directory holds:
+
+- ``expert_cfg.json``: the official expert config (``{"experts": {"1": [8, 26]}, "shared_experts": false,
+  "non_expert_modules": false}``);
+- one or more ``*.safetensors`` files with the *full replacement weights* of the selected experts, keyed
+  ``model.layers.{l}.mlp.experts.{e}.{gate_proj,up_proj,down_proj}.weight`` (older checkpoints omit ``model.``).
+
+esft-peft stores additive deltas instead. Import computes ``delta = official - base`` per selected expert; export
+writes ``base + delta``. Where each official weight lies within a factor of two of its base weight (the case for
+fine-tuned experts) both directions are bit-exact in float32; elsewhere the difference is at the base weight's
+rounding level, and the import logs how many values were not reproduced exactly.
+
+Supported base layouts: transformers' fused experts with gate and up concatenated (``gate_up_proj`` rows
+``[0:I]`` = gate, ``[I:2I]`` = up; transposed storage included, no biases), and ModuleList experts with
+``gate_proj``/``up_proj``/``down_proj`` linears (the authors' remote-code DeepSeek model). Adapters that also train
+shared experts or non-expert modules are refused: their weights are not expert weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ESFTConfig
+from .moe_structure import FUSED, MODULE_LIST, MoELayer, find_moe_layers, unwrap
+
+logger = logging.getLogger(__name__)
+
+OFFICIAL_CONFIG_NAME = "expert_cfg.json"
+OFFICIAL_WEIGHTS_NAME = "model.safetensors"
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+OFFICIAL_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+PathLike = Union[str, os.PathLike]
+
+
+class UnsupportedLayoutError(ValueError):
+    """The base model stores its experts in a layout the official format cannot be mapped onto."""
+
+
+def official_key(layer: str, expert: int, projection: str) -> str:
+    return f"model.layers.{layer}.mlp.experts.{expert}.{projection}.weight"
+
+
+def _projection_views(weights: dict[str, torch.Tensor], layer: MoELayer, experts: nn.Module) -> dict[str, torch.Tensor]:
+    """Views of one expert's gate/up/down weights in ``nn.Linear`` orientation (out, in), sharing storage.
+
+    ``weights`` maps the experts container's parameter names to this expert's tensors (base row or delta row).
+    """
+    check_layout(layer, experts)
+    if layer.kind == MODULE_LIST:
+        return {projection: weights[projection] for projection in PROJECTIONS}
+    gate_up, down = weights["gate_up_proj"], weights["down_proj"]
+    if experts.is_transposed:  # (H, 2I) and (I, H)
+        gate_up, down = gate_up.T, down.T
+    half = gate_up.shape[0] // 2
+    return {"gate_proj": gate_up[:half], "up_proj": gate_up[half:], "down_proj": down}
+
+
+def check_layout(layer: MoELayer, experts: nn.Module) -> None:
+    """Raise :class:`UnsupportedLayoutError` unless the layer's experts map onto gate/up/down projections."""
+    if layer.kind == MODULE_LIST:
+        first = experts[0] if isinstance(experts, nn.ModuleList) else next(iter(experts.children()))
+        names = {name for name, _ in unwrap(first).named_children()}
+        if not set(PROJECTIONS) <= names:
+            raise UnsupportedLayoutError(
+                f"Layer {layer.key}: ModuleList experts without gate_proj/up_proj/down_proj ({sorted(names)})."
+            )
+        return
+    if layer.kind != FUSED:
+        raise UnsupportedLayoutError(
+            f"Layer {layer.key}: experts of kind {layer.kind!r} cannot be mapped onto the official ESFT format "
+            "(supported: fused gate_up_proj/down_proj experts and ModuleList experts)."
+        )
+    if not experts.has_gate or not experts.is_concatenated or experts.has_bias:
+        raise UnsupportedLayoutError(
+            f"Layer {layer.key}: {type(experts).__name__} stores experts with has_gate={experts.has_gate}, "
+            f"is_concatenated={experts.is_concatenated}, has_bias={experts.has_bias}; the official format maps only "
+            "concatenated gate_up_proj experts without biases (gate rows first, then up rows)."
+        )
+
+
+def _expert_tensors(peft_model: PeftModel, layer: MoELayer, expert: int, adapter: str) -> tuple[dict, dict, nn.Module]:
+    """(base views, delta views, base experts container) of one selected expert, both in official orientation."""
+    if layer.kind == MODULE_LIST:
+        prefix = layer.expert_modules[expert]
+        base, delta = {}, {}
+        for projection in PROJECTIONS:
+            wrapped = peft_model.base_model.model.get_submodule(f"{prefix}.{projection}")
+            base[projection] = unwrap(wrapped).weight
+            delta[projection] = wrapped.esft_delta[adapter]["weight"]
+        container = unwrap(peft_model.base_model.model.get_submodule(layer.experts_name))
+        return base, delta, container
+    wrapped = peft_model.base_model.model.get_submodule(layer.experts_name)
+    container = unwrap(wrapped)
+    row = wrapped.esft_expert_ids[adapter].index(expert)
+    base_rows = {name: getattr(container, name)[expert] for name in wrapped.esft_delta[adapter]}
+    delta_rows = {name: tensor[row] for name, tensor in wrapped.esft_delta[adapter].items()}
+    return _projection_views(base_rows, layer, container), _projection_views(delta_rows, layer, container), container
+
+
+def _check_official_config(config: ESFTConfig) -> None:
+    if config.train_shared_experts or config.train_non_expert_modules or config.train_router or config.modules_to_save:
+        raise ValueError(
+            "The official ESFT format holds routed-expert weights only; this adapter also trains shared experts, "
+            "non-expert modules, routers or modules_to_save, which cannot be converted."
+        )
+
+
+def read_official_adapter(directory: PathLike) -> tuple[dict, dict[tuple[str, int, str], torch.Tensor]]:
+    """Read an official adapter: (expert config dict, {(layer, expert, projection): weight})."""
+    directory = Path(directory)
+    config_path = directory / OFFICIAL_CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} is not an official ESFT adapter: {OFFICIAL_CONFIG_NAME} is missing.")
+    expert_config = json.loads(config_path.read_text(encoding="utf-8"))
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no *.safetensors weights of the trained experts.")
+    weights: dict[tuple[str, int, str], torch.Tensor] = {}
+    for path in files:
+        for key, tensor in load_file(str(path)).items():
+            match = OFFICIAL_KEY.match(key)
+            if match is None:
+                raise ValueError(
+                    f"{path.name}: unexpected key {key!r}; official ESFT weights are keyed "
+                    "'model.layers.{l}.mlp.experts.{e}.{gate_proj,up_proj,down_proj}.weight'."
+                )
+            weights[(match.group(1), int(match.group(2)), match.group(3))] = tensor
+    return expert_config, weights
+
+
+def load_official_adapter(
+    base_model: nn.Module, directory: PathLike, adapter_name: str = "default", **config_kwargs
+) -> PeftModel:
+    """Wrap ``base_model`` with an ESFT adapter whose deltas reproduce the official adapter in ``directory``.
+
+    Raises:
+        ValueError: weights missing for a selected expert, shape mismatch, or an unsupported layout.
+    """
+    expert_config, weights = read_official_adapter(directory)
+    config = ESFTConfig.from_expert_config(expert_config, **config_kwargs)
+    _check_official_config(config)
+    layers = find_moe_layers(base_model)
+    for key in config.experts:
+        if key in layers:
+            check_layout(layers[key], unwrap(base_model.get_submodule(layers[key].experts_name)))
+    expected = {(layer, e, p) for layer, ids in config.experts.items() for e in ids for p in PROJECTIONS}
+    missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or extra:
+        problem = f"missing {missing[:3]}" if missing else f"unselected experts {extra[:3]}"
+        raise ValueError(f"{directory}: the weights do not match {OFFICIAL_CONFIG_NAME} ({problem}, ...).")
+    peft_model = get_peft_model(base_model, config, adapter_name=adapter_name)
+    inexact = 0
+    with torch.no_grad():
+        for layer_key, ids in config.experts.items():
+            for expert in ids:
+                base, delta, _ = _expert_tensors(peft_model, layers[layer_key], expert, adapter_name)
+                for projection in PROJECTIONS:
+                    official = weights[(layer_key, expert, projection)]
+                    if official.shape != base[projection].shape:
+                        raise ValueError(
+                            f"Layer {layer_key} expert {expert} {projection}: official weight has shape "
+                            f"{tuple(official.shape)}, the base model {tuple(base[projection].shape)}."
+                        )
+                    value = official.to(delta[projection].dtype) - base[projection].to(delta[projection].dtype)
+                    delta[projection].copy_(value)
+                    rebuilt = (base[projection].to(delta[projection].dtype) + delta[projection]).to(official.dtype)
+                    inexact += int((rebuilt != official).sum())
+    if inexact:
+        logger.warning("%d official weight values are not reproduced bit-exactly by base + delta.", inexact)
+    return peft_model
+
+
+def official_state_dict(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The selected experts' full weights (``base + delta``, in the base dtype) keyed in the official format."""
+    config = peft_model.peft_config[adapter_name]
+    if not isinstance(config, ESFTConfig):
+        raise ValueError(f"Adapter {adapter_name!r} is not an ESFT adapter.")
+    _check_official_config(config)
+    if any(getattr(module, "merged", False) for module in peft_model.modules()):
+        raise ValueError("Unmerge the adapter before exporting it (its base weights are currently modified).")
+    layers = find_moe_layers(peft_model.base_model.model)
+    state = {}
+    with torch.no_grad():
+        for layer_key, ids in config.experts.items():
+            for expert in ids:
+                base, delta, _ = _expert_tensors(peft_model, layers[layer_key], expert, adapter_name)
+                for projection in PROJECTIONS:
+                    full = base[projection].to(delta[projection].dtype) + delta[projection]
+                    state[official_key(layer_key, expert, projection)] = full.to(base[projection].dtype).contiguous()
+    return state
+
+
+def _atomic_directory(out_dir: PathLike):
+    """A temporary directory next to ``out_dir``; call ``_publish(tmp, out_dir)`` to move it in place."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+
+
+def publish_directory(tmp: Path, out_dir: PathLike) -> None:
+    """Replace ``out_dir`` by the finished temporary directory ``tmp`` (atomic rename; an old ``out_dir`` is removed)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise FileExistsError(f"{out_dir} exists and is not a directory.")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def atomic_directory_write(out_dir: PathLike, write) -> Path:
+    """Run ``write(tmp_dir)`` and move the result to ``out_dir`` atomically; nothing is left behind on failure."""
+    tmp = _atomic_directory(out_dir)
+    try:
+        write(tmp)
+        publish_directory(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Path(out_dir)
+
+
+def save_official_adapter(peft_model: PeftModel, out_dir: PathLike, adapter_name: str = "default") -> Path:
+    """Write ``adapter_name`` of ``peft_model`` as an official ESFT adapter directory (atomic)."""
+    state = official_state_dict(peft_model, adapter_name)
+    expert_config = peft_model.peft_config[adapter_name].to_expert_config()
+
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp / OFFICIAL_WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / OFFICIAL_CONFIG_NAME).write_text(json.dumps(expert_config, indent=1), encoding="utf-8")
+
+    return atomic_directory_write(out_dir, write)
+
+
+def convert_from_official(
+    official_dir: PathLike, base_model: nn.Module, out_dir: PathLike, base_model_name_or_path: Optional[str] = None
+) -> Path:
+    """Official adapter directory -> esft-peft adapter directory (``adapter_config.json`` + safetensors deltas)."""
+    kwargs = {"base_model_name_or_path": base_model_name_or_path} if base_model_name_or_path else {}
+    peft_model = load_official_adapter(base_model, official_dir, **kwargs)
+    return atomic_directory_write(out_dir, lambda tmp: peft_model.save_pretrained(str(tmp)))
+
+
+def convert_to_official(adapter_dir: PathLike, base_model: nn.Module, out_dir: PathLike) -> Path:
+    """esft-peft adapter (directory or Hub id) -> official adapter directory with full expert weights."""
+    peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir))
+    return save_official_adapter(peft_model, out_dir)
