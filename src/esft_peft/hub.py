@@ -133,7 +133,7 @@ def push_adapter(
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
-        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name])
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], save_embedding_layers=False)
         source = Path(tmp) / adapter_name if adapter_name != "default" else Path(tmp)
         write_model_card(peft_model, source, repo_id, adapter_name, description)
         operations = [
