@@ -62,6 +62,14 @@ def named_base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, unwrap(module)
 
 
+def base_named_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``named_parameters`` of the base weights only: adapter deltas skipped, ``base_layer.`` removed."""
+    for name, param in module.named_parameters():
+        if ".esft_delta." in f".{name}":
+            continue
+        yield name.replace("base_layer.", ""), param
+
+
 def classify_experts(module: nn.Module) -> str | None:
     """The layout kind of an experts container, or None when it is not one."""
     params = dict(module.named_parameters(recurse=False))
@@ -114,7 +122,7 @@ def _experts_count(module: nn.Module, kind: str) -> int:
     if kind == SPLIT_GLU:
         return int(module.num_experts)
     if kind == PARALLEL_LINEAR:
-        return int(module.input_linear.num_experts)
+        return int(unwrap(module.input_linear).num_experts)
     return int(module.down_proj.shape[0])
 
 
@@ -138,8 +146,8 @@ def find_moe_layers(model: nn.Module) -> dict[str, MoELayer]:
     for name, module in modules.items():
         kind = classify_experts(module) if name.rpartition(".")[2].endswith("experts") else None
         block_name = name.rpartition(".")[0]
-        if kind is None and _is_parallel_linear(getattr(module, "input_linear", nn.Module())):
-            if _is_parallel_linear(getattr(module, "output_linear", nn.Module())) and "attention" not in name:
+        if kind is None and _is_parallel_linear(unwrap(getattr(module, "input_linear", nn.Module()))):
+            if _is_parallel_linear(unwrap(getattr(module, "output_linear", nn.Module()))) and "attention" not in name:
                 kind, block_name = PARALLEL_LINEAR, name
         if kind is None or "attention" in block_name.rpartition(".")[2]:
             continue

@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .config import ESFTConfig
-from .moe_structure import MODULE_LIST, MoELayer, find_moe_layers, named_base_modules, parameter_modules
+from .moe_structure import (
+    MODULE_LIST,
+    MoELayer,
+    base_named_parameters,
+    find_moe_layers,
+    named_base_modules,
+    parameter_modules,
+)
 
 MODULE = "module"  # a whole module trained through a ModuleDeltaLayer
 
@@ -47,7 +54,7 @@ def base_layout(model: nn.Module, layers: dict[str, MoELayer], keys: list[str]) 
         layer = layers[key]
         if layer.kind == MODULE_LIST:
             first = modules[layer.expert_modules[min(layer.expert_modules)]]
-            shapes = {name: list(p.shape) for name, p in first.named_parameters()}
+            shapes = {name: list(p.shape) for name, p in base_named_parameters(first)}
         else:
             shapes = {}
             for target in layer.expert_targets:

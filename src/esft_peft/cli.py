@@ -1,0 +1,484 @@
+"""``esft-peft``: the command-line pipeline (score -> select -> train -> merge / push / convert, and a demo).
+
+Models are Hub ids or local directories; data is a local JSONL/JSON/CSV/parquet file (or directory) or a
+datasets Hub id. Errors end in one line on stderr (exit 2 for bad arguments, 1 for failures); ``--debug`` shows
+the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+logger = logging.getLogger("esft_peft.cli")
+
+DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+EXAMPLES = """examples:
+  esft-peft score --model deepseek-ai/ESFT-vanilla-lite --data train.jsonl --out scores.json --heatmap scores.png
+  esft-peft select --scores scores.json --score-function token --top-p 0.2 --out expert_config.json
+  esft-peft train --model deepseek-ai/ESFT-vanilla-lite --data train.jsonl --expert-config expert_config.json --out adapter
+  esft-peft merge --base deepseek-ai/ESFT-vanilla-lite --adapter adapter --out merged
+  esft-peft push --adapter adapter --repo my-org/my-esft-adapter
+  esft-peft convert --from-official official_dir --base deepseek-ai/ESFT-vanilla-lite --out adapter
+  esft-peft demo --out demo_run
+"""
+
+
+class CLIError(Exception):
+    """A user-facing failure reported as one line (exit code 1)."""
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def load_model(name_or_path: str, dtype: str = "auto", device: Optional[str] = None):
+    """A causal LM from a Hub id or a local directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _check_model_source(name_or_path)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+    if device:
+        model = model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(name_or_path: str, chat_template: Optional[str] = None):
+    """The tokenizer of ``name_or_path``; ``chat_template`` (a Jinja file) replaces its chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if chat_template:
+        tokenizer.chat_template = _read_file(chat_template)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _check_model_source(name_or_path: str) -> None:
+    path = Path(name_or_path)
+    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
+    if looks_local and not path.exists():
+        raise CLIError(f"model or adapter directory not found: {name_or_path}")
+
+
+def _read_file(path: str) -> str:
+    if not Path(path).is_file():
+        raise CLIError(f"file not found: {path}")
+    return Path(path).read_text(encoding="utf-8")
+
+
+def load_records(data: str, split: str = "train", limit: Optional[int] = None):
+    """A ``datasets.Dataset`` from a local file/directory or a datasets Hub id."""
+    from datasets import load_dataset
+
+    path = Path(data)
+    if path.is_file():
+        fmt = DATA_FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise CLIError(f"unsupported data file {data}: use one of {', '.join(DATA_FORMATS)}")
+        dataset = load_dataset(fmt, data_files=str(path), split="train")
+    elif path.is_dir():
+        dataset = load_dataset(str(path), split=split)
+    elif path.suffix.lower() in DATA_FORMATS or path.is_absolute() or data.startswith("."):
+        raise CLIError(f"data file not found: {data}")
+    else:
+        dataset = load_dataset(data, split=split)
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return dataset
+
+
+def _column(dataset, name: str, option: str):
+    if name not in dataset.column_names:
+        raise CLIError(f"{option} {name!r} is not a column of the data; columns: {', '.join(dataset.column_names)}")
+    return dataset[name]
+
+
+def render_texts(dataset, tokenizer, args: argparse.Namespace) -> list[str]:
+    """Texts to score: the text column, or the messages column rendered with the chat template."""
+    if args.messages_column:
+        if not tokenizer.chat_template:
+            raise CLIError("the tokenizer has no chat template; pass --chat-template FILE or use --text-column")
+        return [
+            tokenizer.apply_chat_template(list(messages), tokenize=False)
+            for messages in _column(dataset, args.messages_column, "--messages-column")
+        ]
+    return [str(text) for text in _column(dataset, args.text_column, "--text-column")]
+
+
+def encode_messages(tokenizer, messages: list[dict], max_length: int, train_on_prompt: bool) -> dict[str, list[int]]:
+    """Token ids and labels of one conversation; only assistant turns are labelled unless ``train_on_prompt``."""
+    full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    full = list(full["input_ids"] if isinstance(full, dict) else full)
+    labels = list(full) if train_on_prompt else [-100] * len(full)
+    if not train_on_prompt:
+        for index, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            start = len(_template_ids(tokenizer, messages[:index], add_generation_prompt=True))
+            end = len(_template_ids(tokenizer, messages[: index + 1], add_generation_prompt=False))
+            labels[start:end] = full[start:end]
+    return {"input_ids": full[:max_length], "labels": labels[:max_length]}
+
+
+def _template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    if not messages:
+        return []
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                        return_dict=False)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+def training_dataset(dataset, tokenizer, args: argparse.Namespace):
+    """Tokenised training examples (``input_ids``, ``labels``) from the text or messages column."""
+    if args.messages_column:
+        if not tokenizer.chat_template:
+            raise CLIError("the tokenizer has no chat template; pass --chat-template FILE or use --text-column")
+        _column(dataset, args.messages_column, "--messages-column")
+        encode = lambda row: encode_messages(  # noqa: E731
+            tokenizer, list(row[args.messages_column]), args.max_length, args.train_on_prompt
+        )
+    else:
+        _column(dataset, args.text_column, "--text-column")
+
+        def encode(row):
+            ids = tokenizer(str(row[args.text_column]), truncation=True, max_length=args.max_length)["input_ids"]
+            return {"input_ids": ids, "labels": list(ids)}
+
+    return dataset.map(encode, remove_columns=dataset.column_names, desc="tokenising")
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from .scoring import score_experts
+
+    tokenizer = load_tokenizer(args.model, args.chat_template)
+    texts = render_texts(load_records(args.data, args.split, args.limit), tokenizer, args)
+    model = load_model(args.model, args.dtype, args.device)
+    scores = score_experts(
+        model, texts, tokenizer=tokenizer, token_budget=args.token_budget, batch_size=args.batch_size,
+        max_length=args.max_length, seed=args.seed, average=args.average,
+    )
+    scores.save(args.out)
+    print(f"scores of {len(texts)} examples -> {args.out}")
+    if args.heatmap:
+        scores.plot(args.heatmap)
+        print(f"heatmap -> {args.heatmap}")
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from .config import ESFTConfig
+    from .scoring import ExpertScores
+
+    if not Path(args.scores).is_file():
+        raise CLIError(f"scores file not found: {args.scores}")
+    experts = ExpertScores.load(args.scores).select(score_function=args.score_function, top_p=args.top_p)
+    config = ESFTConfig(experts=experts, train_shared_experts=args.shared_experts,
+                        train_non_expert_modules=args.non_expert_modules)
+    config.save_expert_config(args.out)
+    count = sum(len(ids) for ids in experts.values())
+    print(f"selected {count} experts in {len(experts)} MoE layers ({args.score_function} scores, p={args.top_p}) "
+          f"-> {args.out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer
+
+    from .config import ESFTConfig
+    from .hub import adapter_statistics, write_model_card
+    from .official_format import atomic_directory_write
+    from .training import esft_training_arguments
+
+    if not Path(args.expert_config).is_file():
+        raise CLIError(f"expert config not found: {args.expert_config}")
+    config = ESFTConfig.from_expert_config(args.expert_config, base_model_name_or_path=args.model)
+    tokenizer = load_tokenizer(args.model, args.chat_template)
+    dataset = training_dataset(load_records(args.data, args.split, args.limit), tokenizer, args)
+    model = get_peft_model(load_model(args.model, args.dtype, args.device), config)
+    stats = adapter_statistics(model)
+    print(f"training {config.num_selected_experts} experts: {stats['adapter_parameters']:,} parameters "
+          f"({stats['trainable_fraction']:.2%} of the model)")
+    overrides: dict[str, Any] = {
+        key: value for key, value in {
+            "max_steps": args.max_steps, "learning_rate": args.learning_rate,
+            "per_device_train_batch_size": args.batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
+        }.items() if value is not None
+    }
+    if args.no_gradient_checkpointing:
+        overrides["gradient_checkpointing"] = False
+    with tempfile.TemporaryDirectory(prefix="esft-train-") as work:
+        training_args = esft_training_arguments(work, **overrides)
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator)
+        trainer.train()
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        config.save_expert_config(tmp / "expert_config.json")
+        write_model_card(model, tmp)
+
+    atomic_directory_write(args.out, write)
+    print(f"adapter -> {args.out}")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from peft import PeftModel
+
+    from .official_format import atomic_directory_write
+
+    _check_model_source(args.adapter)
+    base = load_model(args.base, args.dtype)
+    merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload()
+    tokenizer = _optional_tokenizer(args.base)
+
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    atomic_directory_write(args.out, write)
+    print(f"merged model -> {args.out}")
+
+
+def _optional_tokenizer(name_or_path: str):
+    try:
+        return load_tokenizer(name_or_path)
+    except (OSError, ValueError, TypeError):
+        logger.info("no tokenizer found for %s; the merged directory holds the model only", name_or_path)
+        return None
+
+
+def _adapter_base(adapter: str, base: Optional[str]) -> str:
+    from peft import PeftConfig
+
+    if base:
+        return base
+    _check_model_source(adapter)
+    recorded = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    if not recorded:
+        raise CLIError(f"the adapter {adapter} does not record its base model; pass --base")
+    return recorded
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from peft import PeftModel
+
+    from .hub import push_adapter
+
+    base = load_model(_adapter_base(args.adapter, args.base), args.dtype)
+    model = PeftModel.from_pretrained(base, args.adapter)
+    info = push_adapter(model, args.repo, private=args.private or None, token=args.token, revision=args.revision,
+                        create_pr=args.create_pr, description=args.description)
+    print(f"pushed {args.adapter} -> {getattr(info, 'commit_url', args.repo)}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .official_format import convert_from_official, convert_to_official
+
+    source = args.from_official or args.to_official
+    if not Path(source).is_dir() and args.from_official:
+        raise CLIError(f"official adapter directory not found: {source}")
+    base = load_model(args.base, args.dtype)
+    if args.from_official:
+        convert_from_official(args.from_official, base, args.out, base_model_name_or_path=args.base)
+        print(f"official adapter {args.from_official} -> esft-peft adapter {args.out}")
+    else:
+        _check_model_source(args.to_official)
+        convert_to_official(args.to_official, base, args.out)
+        print(f"esft-peft adapter {args.to_official} -> official adapter {args.out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import main as demo_main
+
+    demo_main(args.out, size="quick" if args.quick else "full", seed=args.seed)
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _add_model(parser: argparse.ArgumentParser, flag: str = "--model", help_text: str = "Hub id or local directory "
+               "of the base MoE model") -> None:
+    parser.add_argument(flag, required=True, metavar="MODEL", help=help_text)
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's)")
+
+
+def _add_data(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", required=True, metavar="DATA",
+                       help="local .jsonl/.json/.csv/.parquet file or directory, or a datasets Hub id")
+    group.add_argument("--split", default="train", help="dataset split for directories and Hub ids (default: train)")
+    group.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N examples")
+    columns = group.add_mutually_exclusive_group()
+    columns.add_argument("--text-column", default="text", metavar="NAME", help="column with plain text (default: text)")
+    columns.add_argument("--messages-column", metavar="NAME",
+                         help="column with chat conversations ([{role, content}, ...]) rendered by the chat template")
+    group.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the tokenizer's")
+    group.add_argument("--max-length", type=_positive_int, default=4096, metavar="N",
+                       help="truncate sequences to N tokens (default: 4096)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``esft-peft`` argument parser with all subcommands."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="esft-peft", description="Expert-Specialized Fine-Tuning (ESFT) for MoE models, as a peft method.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"esft-peft {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    score = commands.add_parser("score", help="score expert relevance on task data",
+                                description="Run the frozen model over task data and record, per MoE layer and "
+                                "routed expert, the token selection ratio and the average gate score.")
+    _add_model(score)
+    _add_data(score)
+    score.add_argument("--out", required=True, metavar="FILE", help="scores JSON to write")
+    score.add_argument("--heatmap", metavar="PNG", help="also write a layers x experts heatmap")
+    score.add_argument("--token-budget", type=_positive_int, default=131072, metavar="N",
+                       help="stop after N counted tokens (paper: 32 x 4096 = 131072)")
+    score.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="sequences per forward pass")
+    score.add_argument("--seed", type=int, default=0, help="seed for sampling the data")
+    score.add_argument("--average", choices=("tokens", "sequences"), default="tokens",
+                       help="pool all tokens (official code, default) or average per sequence first (paper)")
+    score.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
+    score.set_defaults(func=cmd_score)
+
+    select = commands.add_parser("select", help="select experts from scores (top-p per layer)",
+                                 description="Per MoE layer, take experts in descending score order until their "
+                                 "scores sum to at least p; write the official expert-config JSON.")
+    select.add_argument("--scores", required=True, metavar="FILE", help="scores JSON written by `esft-peft score`")
+    select.add_argument("--score-function", choices=("token", "gate"), default="token",
+                        help="token selection ratio (ESFT-Token) or average gate score (ESFT-Gate)")
+    select.add_argument("--top-p", type=_probability, default=None, metavar="P",
+                        help="cumulative score threshold (paper: 0.2 for token, 0.1 for gate)")
+    select.add_argument("--out", required=True, metavar="FILE", help="expert config JSON to write")
+    select.add_argument("--shared-experts", action="store_true", help="also train shared experts")
+    select.add_argument("--non-expert-modules", action="store_true", help="also train all non-expert modules")
+    select.set_defaults(func=cmd_select)
+
+    train = commands.add_parser("train", help="train the selected experts (transformers Trainer)",
+                                description="Train an ESFT adapter with the paper's hyper-parameters as defaults "
+                                "(AdamW 0.9/0.95, weight decay 0.1, lr 1e-5, constant schedule, 500 steps).")
+    _add_model(train)
+    _add_data(train)
+    train.add_argument("--expert-config", required=True, metavar="FILE", help="expert config JSON (official format)")
+    train.add_argument("--out", required=True, metavar="DIR", help="adapter directory to write")
+    train.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimizer steps (default: 500)")
+    train.add_argument("--learning-rate", type=float, metavar="LR", help="learning rate (default: 1e-5)")
+    train.add_argument("--batch-size", type=_positive_int, metavar="N", help="per-device batch size")
+    train.add_argument("--gradient-accumulation-steps", type=_positive_int, metavar="N")
+    train.add_argument("--seed", type=int, help="training seed")
+    train.add_argument("--train-on-prompt", action="store_true",
+                       help="with --messages-column: also compute the loss on non-assistant tokens")
+    train.add_argument("--no-gradient-checkpointing", action="store_true", help="faster, more activation memory")
+    train.add_argument("--device", help="torch device (the Trainer picks one when omitted)")
+    train.set_defaults(func=cmd_train)
+
+    merge = commands.add_parser("merge", help="merge an adapter into its base and save a plain checkpoint",
+                                description="Merge the adapter's deltas into the base weights and save a "
+                                "transformers checkpoint with the base checkpoint's key layout.")
+    _add_model(merge, "--base", "Hub id or local directory of the base model")
+    merge.add_argument("--adapter", required=True, metavar="ADAPTER", help="adapter directory or Hub repo id")
+    merge.add_argument("--out", required=True, metavar="DIR", help="merged model directory to write")
+    merge.set_defaults(func=cmd_merge)
+
+    push = commands.add_parser("push", help="upload an adapter with a generated model card to the Hub",
+                               description="Upload adapter weights, adapter_config.json and a generated model "
+                               "card (base model, expert map, trainable fraction, loading snippet) in one commit.")
+    push.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory")
+    push.add_argument("--repo", required=True, metavar="ORG/NAME", help="Hub repository id")
+    push.add_argument("--base", metavar="MODEL", help="base model (default: the one recorded in the adapter)")
+    push.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load the base in")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--token", help="Hub token (default: the logged-in one)")
+    push.add_argument("--revision", help="branch to push to")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--description", help="one paragraph for the model card")
+    push.set_defaults(func=cmd_push)
+
+    convert = commands.add_parser("convert", help="convert between official ESFT and esft-peft adapters",
+                                  description="--from-official: official adapter (expert_cfg.json + full expert "
+                                  "weights) -> esft-peft delta adapter. --to-official: the reverse.")
+    direction = convert.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-official", metavar="DIR", help="official ESFT adapter directory")
+    direction.add_argument("--to-official", metavar="ADAPTER", help="esft-peft adapter directory or Hub id")
+    _add_model(convert, "--base", "Hub id or local directory of the base model")
+    convert.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    convert.set_defaults(func=cmd_convert)
+
+    demo = commands.add_parser("demo", help="run the offline end-to-end demo on a small synthetic MoE",
+                               description="Pre-train a small DeepSeek-V2-style MoE on synthetic tasks, then score, "
+                               "select, train ESFT, evaluate, save, reload and merge (about 3 minutes on 2 CPU cores).")
+    demo.add_argument("--out", required=True, metavar="DIR", help="directory for the demo's artifacts")
+    demo.add_argument("--quick", action="store_true", help="a smaller, faster run (under a minute; less accurate)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _finish_select_defaults(args: argparse.Namespace) -> None:
+    if args.command == "select" and args.top_p is None:
+        args.top_p = 0.2 if args.score_function == "token" else 0.1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``esft-peft`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _finish_select_defaults(args)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import esft_peft  # noqa: F401  (registers ESFT with peft before any adapter is read)
+
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("esft-peft: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # one line for users; --debug for the traceback
+        if args.debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"esft-peft {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
