@@ -49,15 +49,18 @@ class RoutedLayout(ExpertsLayout):
         hidden, top_k_index, top_k_weights = _routed_inputs(args, kwargs)
         hidden = hidden.reshape(-1, hidden.shape[-1])
         flat = out.reshape(-1, out.shape[-1])
+        tokens, diffs = [], []
         for row, expert in enumerate(ids):
             token_idx, slot = torch.where(top_k_index == expert)
             if token_idx.numel() == 0:
                 continue
             x = hidden[token_idx]
             delta = {name: tensor[row].to(x.dtype) for name, tensor in deltas.items()}
-            diff = self.expert_diff(experts, x, expert, delta) * top_k_weights[token_idx, slot, None]
-            flat = flat.index_add(0, token_idx, diff.to(flat.dtype))
-        return flat.view(out.shape)
+            diffs.append(self.expert_diff(experts, x, expert, delta) * top_k_weights[token_idx, slot, None])
+            tokens.append(token_idx)
+        if not tokens:
+            return out
+        return flat.index_add(0, torch.cat(tokens), torch.cat(diffs).to(flat.dtype)).view(out.shape)
 
 
 class FusedLayout(RoutedLayout):
@@ -151,13 +154,15 @@ class ParallelLinearLayout(ExpertsLayout):
         expert_size = args[1] if len(args) > 1 else kwargs["expert_size"]
         sizes = [int(size) for size in expert_size]
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        rows, extras = [], []
         for row, expert in enumerate(ids):
             if sizes[expert] == 0:
                 continue
-            rows = torch.arange(starts[expert], starts[expert] + sizes[expert], device=out.device)
-            extra = F.linear(inputs[rows], deltas["weight"][row].to(inputs.dtype))
-            out = out.index_add(0, rows, extra.to(out.dtype))
-        return out
+            rows.append(torch.arange(starts[expert], starts[expert] + sizes[expert], device=out.device))
+            extras.append(F.linear(inputs[rows[-1]], deltas["weight"][row].to(inputs.dtype)))
+        if not rows:
+            return out
+        return out.index_add(0, torch.cat(rows), torch.cat(extras).to(out.dtype))
 
 
 def layout_for(kind: str, experts: nn.Module) -> ExpertsLayout:
