@@ -94,6 +94,8 @@ def test_reload_exact_and_continue_training(family, tmp_path):
     loaded = PeftModel.from_pretrained(make_model(family), tmp_path)
     assert torch.equal(logits(loaded), expected)
     assert not any(p.requires_grad for p in loaded.parameters())
+    lazily = PeftModel.from_pretrained(make_model(family), tmp_path, low_cpu_mem_usage=True)
+    assert torch.equal(logits(lazily), expected)
     resumed = PeftModel.from_pretrained(make_model(family), tmp_path, is_trainable=True)
     before = {n: p.detach().clone() for n, p in delta_params(resumed).items()}
     assert before and all(p.requires_grad for p in delta_params(resumed).values())
