@@ -102,18 +102,6 @@ def _column(dataset, name: str, option: str):
     return dataset[name]
 
 
-def render_texts(dataset, tokenizer, args: argparse.Namespace) -> list[str]:
-    """Texts to score: the text column, or the messages column rendered with the chat template."""
-    if args.messages_column:
-        if not tokenizer.chat_template:
-            raise CLIError("the tokenizer has no chat template; pass --chat-template FILE or use --text-column")
-        return [
-            tokenizer.apply_chat_template(list(messages), tokenize=False)
-            for messages in _column(dataset, args.messages_column, "--messages-column")
-        ]
-    return [str(text) for text in _column(dataset, args.text_column, "--text-column")]
-
-
 def encode_messages(tokenizer, messages: list[dict], max_length: int, train_on_prompt: bool) -> dict[str, list[int]]:
     """Token ids and labels of one conversation; only assistant turns are labelled unless ``train_on_prompt``."""
     full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
@@ -163,14 +151,21 @@ def cmd_score(args: argparse.Namespace) -> None:
     from .scoring import score_experts
 
     tokenizer = load_tokenizer(args.model, args.chat_template)
-    texts = render_texts(load_records(args.data, args.split, args.limit), tokenizer, args)
+    dataset = load_records(args.data, args.split, args.limit)
+    if args.messages_column:
+        _column(dataset, args.messages_column, "--messages-column")
+        if not tokenizer.chat_template:
+            raise CLIError("the tokenizer has no chat template; pass --chat-template FILE or use --text-column")
+    else:
+        _column(dataset, args.text_column, "--text-column")
     model = load_model(args.model, args.dtype, args.device)
     scores = score_experts(
-        model, texts, tokenizer=tokenizer, token_budget=args.token_budget, batch_size=args.batch_size,
-        max_length=args.max_length, seed=args.seed, average=args.average,
+        model, dataset, tokenizer=tokenizer, token_budget=args.token_budget, batch_size=args.batch_size,
+        max_length=args.max_length, seed=args.seed, average=args.average, mask_prompt=not args.count_prompt,
+        text_column=args.text_column, messages_column=args.messages_column or "messages",
     )
     scores.save(args.out)
-    print(f"scores of {len(texts)} examples -> {args.out}")
+    print(f"expert scores of {len(dataset)} examples -> {args.out}")
     if args.heatmap:
         scores.plot(args.heatmap)
         print(f"heatmap -> {args.heatmap}")
@@ -377,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--seed", type=int, default=0, help="seed for sampling the data")
     score.add_argument("--average", choices=("tokens", "sequences"), default="tokens",
                        help="pool all tokens (official code, default) or average per sequence first (paper)")
+    score.add_argument("--count-prompt", action="store_true",
+                       help="with --messages-column: also count prompt (non-assistant) tokens, as the official code")
     score.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
     score.set_defaults(func=cmd_score)
 

@@ -127,12 +127,14 @@ def pretrain_base(settings: DemoSettings, seed: int = 0, progress: bool = True) 
     return model, tokenizer
 
 
-def score_task(model: nn.Module, tokenizer, settings: DemoSettings, seed: int = 0):
-    """Expert relevance scores of the target task (prompt and answer tokens, as the official code counts)."""
+def score_task(model: nn.Module, tokenizer, settings: DemoSettings, seed: int = 0, progress: bool = False):
+    """Expert relevance scores of the target task, counted on answer tokens (prompt tokens are masked)."""
     from .scoring import score_experts
 
-    texts = st.make_texts(settings.target_task, settings.score_examples, seed=seed + 500, length=settings.sequence_digits)
-    return score_experts(model, texts, tokenizer=tokenizer, batch_size=64, max_length=64, seed=seed)
+    batch = st.encode_examples(tokenizer, settings.target_task, settings.score_examples, seed=seed + 500,
+                               length=settings.sequence_digits)
+    examples = [{"input_ids": ids, "labels": labels} for ids, labels in zip(batch["input_ids"], batch["labels"])]
+    return score_experts(model, examples, token_budget=None, batch_size=64, seed=seed, show_progress=progress)
 
 
 def _size_bytes(path: Path) -> int:
@@ -169,7 +171,7 @@ def run_demo(out_dir: str | Path, size: str = "full", seed: int = 0, progress: b
     atomic_directory_write(out / "base", save_base)
     model.name_or_path = str((out / "base").resolve())  # recorded as the adapter's base model
 
-    scores = score_task(model, tokenizer, settings, seed)
+    scores = score_task(model, tokenizer, settings, seed, progress)
     scores.save(out / "scores.json")
     scores.plot(out / "heatmap.png")
     experts = scores.select(score_function="token", top_p=settings.top_p)
@@ -179,7 +181,8 @@ def run_demo(out_dir: str | Path, size: str = "full", seed: int = 0, progress: b
     peft_model = get_peft_model(model, config)
     stats = adapter_statistics(peft_model)
     stream = task_stream(tokenizer, settings.target_task, settings.batch_size, seed + 1, settings.sequence_digits)
-    train_loop(peft_model, stream, settings.esft_steps, settings.esft_lr, weight_decay=0.1, desc="ESFT", progress=progress)
+    losses = train_loop(peft_model, stream, settings.esft_steps, settings.esft_lr, weight_decay=0.1, desc="ESFT",
+                        progress=progress)
     after = evaluate(peft_model)
 
     def save_adapter(tmp: Path) -> None:
@@ -207,6 +210,7 @@ def run_demo(out_dir: str | Path, size: str = "full", seed: int = 0, progress: b
         "after": after,
         "reloaded": reloaded_acc,
         "merged": merged_acc,
+        "esft_loss": {"first": losses[0], "last": sum(losses[-5:]) / len(losses[-5:])},
         "adapter_parameters": stats["adapter_parameters"],
         "trainable_fraction": stats["trainable_fraction"],
         "adapter_bytes": (out / "adapter" / "adapter_model.safetensors").stat().st_size,
