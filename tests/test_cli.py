@@ -151,3 +151,21 @@ def test_messages_column_with_chat_template(workspace, tmp_path, capsys):
     scores = json.loads((tmp_path / "scores.json").read_text())
     tokens_per_example = 7  # the answer: 6 digits and </s>; prompt turns are not counted
     assert sum(scores["token_counts"].values()) == 8 * tokens_per_example
+
+
+def test_train_on_conversations_labels_only_assistant_turns(workspace, tmp_path, capsys):
+    from esft_peft.cli import encode_messages, load_tokenizer
+
+    tokenizer = load_tokenizer(str(workspace / "model"), str(workspace / "template.jinja"))
+    messages = [{"role": "user", "content": "<copy> 1 2 3 4 5 6"}, {"role": "assistant", "content": "1 2 3 4 5 6 </s>"}]
+    encoded = encode_messages(tokenizer, messages, max_length=64, train_on_prompt=False)
+    assert [t for t in encoded["labels"] if t != -100] == tokenizer("1 2 3 4 5 6 </s>", add_special_tokens=False)["input_ids"]
+    assert encode_messages(tokenizer, messages, 64, train_on_prompt=True)["labels"] == encoded["input_ids"]
+
+    (tmp_path / "cfg.json").write_text(json.dumps({"experts": {"0": [0]}}))
+    code, _, err = run(["train", "--model", workspace / "model", "--data", workspace / "chat.jsonl",
+                        "--messages-column", "messages", "--chat-template", workspace / "template.jinja",
+                        "--expert-config", tmp_path / "cfg.json", "--out", tmp_path / "adapter", "--max-steps", "1",
+                        "--batch-size", "2"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "adapter" / "expert_config.json").read_text())["experts"] == {"0": [0]}
