@@ -8,7 +8,6 @@ the traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -477,8 +476,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     _finish_select_defaults(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import esft_peft  # noqa: F401  (registers ESFT with peft before any adapter is read)
-
     try:
         args.func(args)
     except KeyboardInterrupt:
