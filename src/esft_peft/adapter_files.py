@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
@@ -30,6 +31,39 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _temporary_directory_next_to(out_dir: PathLike) -> Path:
+    """A new temporary directory in the parent of ``out_dir`` (same filesystem, so renames are atomic)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+
+
+def publish_directory(tmp: Path, out_dir: PathLike) -> None:
+    """Replace ``out_dir`` by the finished temporary directory ``tmp`` (atomic rename; an old ``out_dir`` is removed)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise FileExistsError(f"{out_dir} exists and is not a directory.")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def atomic_directory_write(out_dir: PathLike, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp_dir)`` and move the result to ``out_dir`` atomically; nothing is left behind on failure."""
+    tmp = _temporary_directory_next_to(out_dir)
+    try:
+        write(tmp)
+        publish_directory(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Path(out_dir)
 
 
 def verify_safetensors(path: PathLike) -> dict[str, Any]:

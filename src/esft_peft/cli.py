@@ -191,7 +191,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from .config import ESFTConfig
     from .hub import adapter_statistics, write_model_card
-    from .official_format import atomic_directory_write
+    from .adapter_files import atomic_directory_write
 
     if not Path(args.expert_config).is_file():
         raise CLIError(f"expert config not found: {args.expert_config}")
@@ -246,7 +246,7 @@ def paper_training_arguments(output_dir: str, **overrides: Any):
 def cmd_merge(args: argparse.Namespace) -> None:
     from peft import PeftModel
 
-    from .official_format import atomic_directory_write
+    from .adapter_files import atomic_directory_write
 
     _check_model_source(args.adapter)
     base = load_model(args.base, args.dtype)

@@ -161,7 +161,7 @@ def _run_demo(out_dir: str | Path, size: str, seed: int, progress: bool, **overr
 
     from .config import ESFTConfig
     from .hub import adapter_statistics, write_model_card
-    from .official_format import atomic_directory_write
+    from .adapter_files import atomic_directory_write
 
     started = time.perf_counter()
     out = Path(out_dir)

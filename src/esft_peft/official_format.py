@@ -24,8 +24,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -34,6 +32,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .adapter_files import atomic_directory_write
 from .config import ESFTConfig
 from .moe_structure import FUSED, MODULE_LIST, MoELayer, find_moe_layers, unwrap
 
@@ -202,39 +201,6 @@ def official_state_dict(peft_model: PeftModel, adapter_name: str = "default") ->
                     full = base[projection].to(delta[projection].dtype) + delta[projection]
                     state[official_key(layer_key, expert, projection)] = full.to(base[projection].dtype).contiguous()
     return state
-
-
-def _atomic_directory(out_dir: PathLike):
-    """A temporary directory next to ``out_dir``; call ``_publish(tmp, out_dir)`` to move it in place."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-
-
-def publish_directory(tmp: Path, out_dir: PathLike) -> None:
-    """Replace ``out_dir`` by the finished temporary directory ``tmp`` (atomic rename; an old ``out_dir`` is removed)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise FileExistsError(f"{out_dir} exists and is not a directory.")
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
-def atomic_directory_write(out_dir: PathLike, write) -> Path:
-    """Run ``write(tmp_dir)`` and move the result to ``out_dir`` atomically; nothing is left behind on failure."""
-    tmp = _atomic_directory(out_dir)
-    try:
-        write(tmp)
-        publish_directory(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Path(out_dir)
 
 
 def save_official_adapter(peft_model: PeftModel, out_dir: PathLike, adapter_name: str = "default") -> Path:
