@@ -190,8 +190,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from transformers import DataCollatorForSeq2Seq, Trainer
 
     from .config import ESFTConfig
-    from .hub import adapter_statistics, write_model_card
     from .adapter_files import atomic_directory_write
+    from .hub import adapter_statistics, write_model_card
+    from .training import esft_training_arguments
 
     if not Path(args.expert_config).is_file():
         raise CLIError(f"expert config not found: {args.expert_config}")
@@ -212,7 +213,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.no_gradient_checkpointing:
         overrides["gradient_checkpointing"] = False
     with tempfile.TemporaryDirectory(prefix="esft-train-") as work:
-        training_args = paper_training_arguments(work, **overrides)
+        training_args = esft_training_arguments(work, **overrides)
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
         trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator)
         trainer.train()
@@ -225,22 +226,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     atomic_directory_write(args.out, write)
     print(f"adapter -> {args.out}")
-
-
-def paper_training_arguments(output_dir: str, **overrides: Any):
-    """``TrainingArguments`` with the paper's ESFT hyper-parameters (AdamW 0.9/0.95, weight decay 0.1, lr 1e-5,
-    constant schedule, 500 steps, gradient checkpointing, bf16 where the GPU supports it); overrides win."""
-    import torch
-    from transformers import TrainingArguments
-
-    defaults: dict[str, Any] = dict(
-        output_dir=output_dir, max_steps=500, learning_rate=1e-5, lr_scheduler_type="constant", optim="adamw_torch",
-        adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.1, per_device_train_batch_size=8,
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), logging_steps=10, save_strategy="no",
-        report_to=[],
-    )
-    return TrainingArguments(**{**defaults, **overrides})
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

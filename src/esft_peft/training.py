@@ -1,0 +1,51 @@
+"""Training helpers: the paper's hyper-parameters as ``TrainingArguments``, and the router auxiliary loss switch."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+def esft_training_arguments(output_dir: str, **overrides: Any) -> TrainingArguments:
+    """``TrainingArguments`` with the paper's ESFT hyper-parameters; ``overrides`` win.
+
+    AdamW (betas 0.9/0.95, weight decay 0.1), lr 1e-5, constant schedule, 500 steps, gradient checkpointing
+    (non-reentrant) and bf16 where a GPU supports it. Only the deltas are trainable, so the weight decay of
+    Trainer's optimizer never touches frozen experts.
+    """
+    defaults: dict[str, Any] = dict(
+        output_dir=output_dir, max_steps=500, learning_rate=1e-5, lr_scheduler_type="constant", optim="adamw_torch",
+        adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.1, per_device_train_batch_size=8,
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), logging_steps=10, save_strategy="no",
+        report_to=[],
+    )
+    return TrainingArguments(**{**defaults, **overrides})
+
+
+def set_router_aux_loss(model: nn.Module, enabled: bool, coef: Optional[float] = None) -> None:
+    """Switch the model's load-balancing auxiliary loss on or off for training (and optionally set its weight).
+
+    ESFT's default is off: with the router frozen, routing cannot rebalance, so the loss would only push gradients
+    through the hidden states into other layers' deltas. Turn it on together with ``ESFTConfig(train_router=True)``.
+    """
+    config = model.config
+    if not hasattr(config, "output_router_logits"):
+        raise ValueError(
+            f"{type(model).__name__} has no router auxiliary loss (its config lacks `output_router_logits`)."
+        )
+    config.output_router_logits = enabled
+    if coef is not None:
+        if not hasattr(config, "router_aux_loss_coef"):
+            raise ValueError(f"{type(model).__name__}'s config has no `router_aux_loss_coef` to set.")
+        config.router_aux_loss_coef = coef
+        for module in model.modules():  # causal-LM heads copy the coefficient at construction
+            if "router_aux_loss_coef" in vars(module):
+                module.router_aux_loss_coef = coef
+    logger.info("Router auxiliary loss %s (coef %s).", "on" if enabled else "off", getattr(config, "router_aux_loss_coef", None))
