@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.moe import _grouped_linear
 
 from .moe_structure import DENSE_BMM, FUSED, PARALLEL_LINEAR, SPLIT_GLU
 
@@ -63,7 +64,7 @@ class RoutedLayout(ExpertsLayout):
         return flat.index_add(0, torch.cat(tokens), torch.cat(diffs).to(flat.dtype)).view(out.shape)
 
 
-class FusedLayout(RoutedLayout):
+class FusedLayout(ExpertsLayout):
     """transformers' ``@use_experts_implementation`` experts (all layout flags honoured, gpt_oss included)."""
 
     def __init__(self, experts: nn.Module):
@@ -75,23 +76,43 @@ class FusedLayout(RoutedLayout):
     def expert_views(self, experts):
         return {name: getattr(experts, name) for name in self.names}
 
-    def expert_diff(self, experts, x, expert, delta):
+    def correct(self, experts, out, ids, deltas, args, kwargs):
+        """All selected experts at once: their routed (token, slot) pairs sorted by expert, grouped matmuls."""
+        hidden, top_k_index, top_k_weights = _routed_inputs(args, kwargs)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        chosen = torch.tensor(ids, device=top_k_index.device)
+        token_idx, slot, local = torch.nonzero(top_k_index.unsqueeze(-1) == chosen, as_tuple=True)
+        if token_idx.numel() == 0:
+            return out
+        order = torch.argsort(local, stable=True)
+        token_idx, slot, local = token_idx[order], slot[order], local[order]
+        offs = torch.cumsum(torch.bincount(local, minlength=len(ids)), 0).to(torch.int32)
+        x = hidden[token_idx]
+        delta = {name: tensor.to(x.dtype) for name, tensor in deltas.items()}
+        diff = self._grouped_diff(experts, x, chosen, local, offs, delta)
+        diff = diff * top_k_weights[token_idx, slot, None]
+        flat = out.reshape(-1, out.shape[-1])
+        return flat.index_add(0, token_idx, diff.to(flat.dtype)).view(out.shape)
+
+    def _grouped_diff(self, experts, x, chosen, local, offs, delta):
         transposed = experts.is_transposed
-        up_w, down_w = getattr(experts, self.up)[expert], experts.down_proj[expert]
-        a0 = _linear(x, up_w, transposed)
-        a = a0 + _linear(x, delta[self.up], transposed)
+        linear = lambda inputs, weight: _grouped_linear(inputs, weight, offs, is_transposed=transposed)  # noqa: E731
+        up_w, down_w = getattr(experts, self.up)[chosen], experts.down_proj[chosen]
+        a0 = linear(x, up_w)
+        a = a0 + linear(x, delta[self.up])
         if experts.has_bias:
-            a0 = a0 + getattr(experts, f"{self.up}_bias")[expert]
-            a = a + getattr(experts, f"{self.up}_bias")[expert] + delta[f"{self.up}_bias"]
+            up_bias = getattr(experts, f"{self.up}_bias")[chosen][local]
+            a0 = a0 + up_bias
+            a = a + up_bias + delta[f"{self.up}_bias"][local]
         activate = experts._apply_gate if experts.has_gate else experts.act_fn
         h0, h = activate(a0), activate(a)
-        diff = _linear(h - h0, down_w, transposed) + _linear(h, delta["down_proj"], transposed)
+        diff = linear(h - h0, down_w) + linear(h, delta["down_proj"])
         if experts.has_bias:
-            diff = diff + delta["down_proj_bias"]
+            diff = diff + delta["down_proj_bias"][local]
         if experts.has_post_expert_norm:
-            y0 = _linear(h0, down_w, transposed)
+            y0 = linear(h0, down_w)
             if experts.has_bias:
-                y0 = y0 + experts.down_proj_bias[expert]
+                y0 = y0 + experts.down_proj_bias[chosen][local]
             diff = experts.post_expert_norm(y0 + diff) - experts.post_expert_norm(y0)
         return diff
 
