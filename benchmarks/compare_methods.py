@@ -1,0 +1,121 @@
+"""Training cost of ESFT against the frozen-base floor, full fine-tuning and LoRA on the same MoE and data.
+
+    python benchmarks/compare_methods.py [--layers 4 --steps 6]
+
+The model is DeepSeek-V2-Lite-shaped (64 routed + 2 shared experts, top-6, first layer dense) scaled down to run
+on CPU. Each method runs in its own subprocess so that peak RSS (CPU) or max_memory_allocated (GPU) is its own.
+ESFT trains 6 of 64 experts per MoE layer (9%, paper-like), chosen by token scores on the benchmark data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("floor", "esft", "fft", "lora")
+
+
+def build_model(layers: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "deepseek_v2", vocab_size=2048, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=64,
+        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=64, q_lora_rank=None,
+        qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, topk_method="greedy", n_group=1, topk_group=1,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors"))
+
+
+def run_method(method: str, layers: int, steps: int) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    from esft_peft import ESFTConfig, score_experts
+
+    model = build_model(layers)
+    ids = torch.randint(0, 2048, (4, 128), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if method == "floor":
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+    elif method == "esft":
+        scores = score_experts(model, [batch], show_progress=False)
+        model = get_peft_model(model, ESFTConfig(experts=scores.select(score_function="token", top_k=6)))
+    elif method == "lora":
+        config = LoraConfig(r=8, target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        model = get_peft_model(model, config)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1) if method != "floor" else None
+    times = []
+    for _ in range(steps + 2):
+        start = time.perf_counter()
+        model(**batch, labels=ids).loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    result = {
+        "trainable": sum(p.numel() for p in params) if method != "floor" else 0,
+        "step_s": statistics.median(times[2:]),
+        "optimizer_bytes": sum(t.numel() * t.element_size() for s in (optimizer.state.values() if optimizer else [])
+                               for t in s.values() if torch.is_tensor(t)),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    with tempfile.TemporaryDirectory() as out:
+        if method in ("esft", "lora", "fft"):
+            model.save_pretrained(out)
+            result["disk_bytes"] = directory_bytes(Path(out))
+        if method in ("esft", "lora"):
+            start = time.perf_counter()
+            model.merge_and_unload()
+            result["merge_s"] = time.perf_counter() - start
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.method:
+        print(json.dumps(run_method(args.method, args.layers, args.steps)))
+        return
+    results = {}
+    for method in METHODS:
+        done = subprocess.run([sys.executable, __file__, "--method", method, "--layers", str(args.layers),
+                               "--steps", str(args.steps)], capture_output=True, text=True, env=os.environ)
+        if done.returncode != 0:
+            raise SystemExit(f"{method} failed:\n{done.stderr[-2000:]}")
+        results[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    floor, fft = results["floor"], results["fft"]
+    print("| method | trainable params | step (s) | x floor | x FFT | peak RSS (MiB) | x FFT | optimizer state (MiB) "
+          "| saved (MiB) | x FFT | merge (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for method, r in results.items():
+        disk = r.get("disk_bytes")
+        saved = "" if disk is None else f"{disk / 2**20:.1f}"
+        saved_ratio = "" if disk is None else f"{disk / fft['disk_bytes']:.3f}"
+        print(f"| {method} | {r['trainable']:,} | {r['step_s']:.3f} | {r['step_s'] / floor['step_s']:.2f} | "
+              f"{r['step_s'] / fft['step_s']:.2f} | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / fft['peak_rss_mib']:.2f} | "
+              f"{r['optimizer_bytes'] / 2**20:.1f} | {saved} | {saved_ratio} | {r.get('merge_s', float('nan')):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
