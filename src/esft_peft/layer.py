@@ -32,6 +32,10 @@ def _report_merge_loss(where: str, adapter: str, intended: torch.Tensor, applied
         )
 
 
+def _scaled(weight: float, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if weight == 1.0 else weight * tensor
+
+
 class ESFTLayer(BaseTunerLayer):
     """Common state of ESFT tuner layers: ``esft_delta[adapter]`` holds the trainable deltas."""
 
@@ -87,19 +91,24 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         self.esft_expert_ids[adapter_name] = list(expert_ids)
         self.set_adapter(self.active_adapters)
 
-    def active_deltas(self, adapters: list[str]) -> tuple[list[int], dict[str, torch.Tensor]]:
-        """Expert ids and delta rows of the active adapters; overlapping experts get the sum of their deltas."""
-        if len(adapters) == 1:
+    def combined_deltas(
+        self, adapters: list[str], weights: Optional[list[float]] = None
+    ) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """Expert ids (first-appearance order) and delta rows of ``adapters``; an expert trained by several adapters
+        gets the (weighted) sum of their rows. Serves both the forward of active adapters and add_weighted_adapter.
+        """
+        weights = weights or [1.0] * len(adapters)
+        if len(adapters) == 1 and weights[0] == 1.0:
             name = adapters[0]
             return self.esft_expert_ids[name], dict(self.esft_delta[name].items())
-        ids = sorted({e for name in adapters for e in self.esft_expert_ids[name]})
+        ids = list(dict.fromkeys(e for name in adapters for e in self.esft_expert_ids[name]))
         combined = {}
         for param in self.layout.expert_views(self.get_base_layer()):
             rows = []
             for expert in ids:
                 parts = [
-                    self.esft_delta[name][param][self.esft_expert_ids[name].index(expert)]
-                    for name in adapters
+                    _scaled(weight, self.esft_delta[name][param][self.esft_expert_ids[name].index(expert)])
+                    for name, weight in zip(adapters, weights)
                     if expert in self.esft_expert_ids[name]
                 ]
                 rows.append(torch.stack(parts).sum(0) if len(parts) > 1 else parts[0])
@@ -115,7 +124,7 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         active = self._active_names()
         if self.merged or not active:
             return out
-        ids, deltas = self.active_deltas(active)
+        ids, deltas = self.combined_deltas(active)
         out = self.layout.correct(self.get_base_layer(), out, ids, deltas, args, kwargs)
         if torch.is_grad_enabled() and any(t.requires_grad for t in deltas.values()):
             # Experts that received no token this step still join the graph (with zero gradient), so that DDP
@@ -185,10 +194,13 @@ class ModuleDeltaLayer(nn.Module, ESFTLayer):
         )
         self.set_adapter(self.active_adapters)
 
-    def _summed(self, adapters: list[str]) -> dict[str, torch.Tensor]:
+    def combined_deltas(self, adapters: list[str], weights: Optional[list[float]] = None) -> dict[str, torch.Tensor]:
+        """Per parameter, the (weighted) sum of the deltas of ``adapters``."""
+        weights = weights or [1.0] * len(adapters)
         total: dict[str, torch.Tensor] = {}
-        for adapter in adapters:
+        for adapter, weight in zip(adapters, weights):
             for name, delta in self.esft_delta[adapter].items():
+                delta = _scaled(weight, delta)
                 total[name] = total[name] + delta if name in total else delta
         return total
 
@@ -201,7 +213,7 @@ class ModuleDeltaLayer(nn.Module, ESFTLayer):
         active = self._active_names()
         if self.merged or not active:
             return self.base_layer(*args, **kwargs)
-        deltas = self._summed(active)
+        deltas = self.combined_deltas(active)
         if isinstance(base, nn.Linear):
             x = args[0] if args else kwargs["input"]
             bias = deltas["bias"].to(x.dtype) if "bias" in deltas else None

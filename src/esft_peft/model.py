@@ -88,20 +88,12 @@ class ESFTModel(BaseTuner):
 
 def _fill_weighted(module: ESFTLayer, adapters: list[str], weights: list[float], target: str) -> None:
     sources = [(name, weight) for name, weight in zip(adapters, weights) if name in module.esft_delta]
-    new = module.esft_delta[target]
-    for param in list(new.keys()):
-        if isinstance(module, ExpertsDeltaLayer):
-            rows = []
-            for expert in module.esft_expert_ids[target]:
-                parts = [
-                    weight * module.esft_delta[name][param][module.esft_expert_ids[name].index(expert)]
-                    for name, weight in sources
-                    if expert in module.esft_expert_ids[name]
-                ]
-                rows.append(torch.stack(parts).sum(0) if len(parts) > 1 else parts[0])
-            value = torch.stack(rows)
-        else:
-            parts = [weight * module.esft_delta[name][param] for name, weight in sources]
-            value = torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
-        new[param] = nn.Parameter(value.detach().clone(), requires_grad=False)
-
+    names, factors = [name for name, _ in sources], [weight for _, weight in sources]
+    if isinstance(module, ExpertsDeltaLayer):
+        ids, values = module.combined_deltas(names, factors)
+        if ids != module.esft_expert_ids[target]:
+            raise RuntimeError(f"Combined expert order {ids} differs from the new adapter's {module.esft_expert_ids[target]}.")
+    else:
+        values = module.combined_deltas(names, factors)
+    for param, value in values.items():
+        module.esft_delta[target][param] = nn.Parameter(value.detach().clone(), requires_grad=False)
