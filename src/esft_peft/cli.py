@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -192,7 +193,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .config import ESFTConfig
     from .adapter_files import atomic_directory_write
     from .hub import adapter_statistics, write_model_card
-    from .training import esft_training_arguments
+    from .training import esft_training_arguments, gather_adapter_state_dict
 
     if not Path(args.expert_config).is_file():
         raise CLIError(f"expert config not found: {args.expert_config}")
@@ -201,13 +202,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     dataset = training_dataset(load_records(args.data, args.split, args.limit), tokenizer, args)
     model = get_peft_model(load_model(args.model, args.dtype, args.device), config)
     stats = adapter_statistics(model)
-    print(f"training {config.num_selected_experts} experts: {stats['adapter_parameters']:,} parameters "
-          f"({stats['trainable_fraction']:.2%} of the model)")
+    if int(os.environ.get("RANK", "0")) == 0:  # launched processes set RANK; Trainer's state does not exist yet
+        print(f"training {config.num_selected_experts} experts: {stats['adapter_parameters']:,} parameters "
+              f"({stats['trainable_fraction']:.2%} of the model)")
     overrides: dict[str, Any] = {
         key: value for key, value in {
             "max_steps": args.max_steps, "learning_rate": args.learning_rate,
             "per_device_train_batch_size": args.batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
+            "logging_steps": args.logging_steps,
         }.items() if value is not None
     }
     if args.no_gradient_checkpointing:
@@ -217,15 +220,19 @@ def cmd_train(args: argparse.Namespace) -> None:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
         trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator)
         trainer.train()
+    adapter_state = gather_adapter_state_dict(model)  # every process takes part (FSDP2 shards are gathered)
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=adapter_state)
         tokenizer.save_pretrained(tmp)
         config.save_expert_config(tmp / "expert_config.json")
+        trainer.state.save_to_json(str(tmp / "trainer_state.json"))
         write_model_card(model, tmp)
 
-    atomic_directory_write(args.out, write)
-    print(f"adapter -> {args.out}")
+    if trainer.is_world_process_zero():
+        atomic_directory_write(args.out, write)
+        print(f"adapter -> {args.out}")
+    trainer.accelerator.wait_for_everyone()
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -401,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, metavar="N", help="per-device batch size")
     train.add_argument("--gradient-accumulation-steps", type=_positive_int, metavar="N")
     train.add_argument("--seed", type=int, help="training seed")
+    train.add_argument("--logging-steps", type=_positive_int, metavar="N",
+                       help="log the loss every N steps (default: 10; the log is saved as trainer_state.json)")
     train.add_argument("--train-on-prompt", action="store_true",
                        help="with --messages-column: also compute the loss on non-assistant tokens")
     train.add_argument("--no-gradient-checkpointing", action="store_true", help="faster, more activation memory")

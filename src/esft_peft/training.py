@@ -1,4 +1,5 @@
-"""Training helpers: the paper's hyper-parameters as ``TrainingArguments``, and the router auxiliary loss switch."""
+"""Training helpers: the paper's hyper-parameters as ``TrainingArguments``, the router auxiliary loss switch, and
+gathering a (possibly sharded) adapter for saving after multi-process training."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import TrainingArguments
 
 logger = logging.getLogger(__name__)
+
+# State-dict keys that peft saves for an ESFT adapter: the deltas and any `modules_to_save` copies.
+ADAPTER_KEY_PARTS = (".esft_delta.", ".modules_to_save.")
 
 
 def esft_training_arguments(output_dir: str, **overrides: Any) -> TrainingArguments:
@@ -17,9 +22,12 @@ def esft_training_arguments(output_dir: str, **overrides: Any) -> TrainingArgume
 
     AdamW (betas 0.9/0.95, weight decay 0.1), lr 1e-5, constant schedule, 500 steps, gradient checkpointing
     (non-reentrant) and bf16 where a GPU supports it. Only the deltas are trainable, so the weight decay of
-    Trainer's optimizer never touches frozen experts.
+    Trainer's optimizer never touches frozen experts. On a machine without an accelerator ``use_cpu`` is set, so
+    that a multi-process launch (``accelerate launch``/``torchrun``) trains data-parallel on gloo instead of
+    running independent processes.
     """
     defaults: dict[str, Any] = dict(
+        use_cpu=not torch.accelerator.is_available(),
         output_dir=output_dir, max_steps=500, learning_rate=1e-5, lr_scheduler_type="constant", optim="adamw_torch",
         adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.1, per_device_train_batch_size=8,
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -49,3 +57,20 @@ def set_router_aux_loss(model: nn.Module, enabled: bool, coef: Optional[float] =
             if "router_aux_loss_coef" in vars(module):
                 module.router_aux_loss_coef = coef
     logger.info("Router auxiliary loss %s (coef %s).", "on" if enabled else "off", getattr(config, "router_aux_loss_coef", None))
+
+
+def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (ESFT deltas, ``modules_to_save`` copies), whole and on CPU, keyed as in
+    ``model.state_dict()``; pass them to ``model.save_pretrained(out, state_dict=...)``.
+
+    Works on plain, DDP-wrapped and FSDP2-sharded peft models. Under FSDP2 it all-gathers the sharded adapter
+    tensors (and nothing of the frozen base), so every process must call it.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    adapter = {}
+    for key, value in model.state_dict().items():
+        if any(part in key for part in ADAPTER_KEY_PARTS):
+            whole = value.full_tensor() if isinstance(value, DTensor) else value
+            adapter[key] = whole.detach().cpu()
+    return adapter
