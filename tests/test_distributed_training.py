@@ -1,6 +1,6 @@
 """Multi-process training, launched through ``accelerate launch`` as 2 gloo CPU processes, matches one process
-trained on the same global batch: DDP and FSDP2 (``distributed_train.py``), and ``esft-peft train`` under the
-shipped DDP config.
+trained on the same global batch: DDP and FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 with the shipped configs
+(``distributed_train.py``), and ``esft-peft train`` under the shipped DDP config.
 
 Tolerances: float32 models reproduce the single-process losses within 1e-5 and the deltas within 1e-5 relative
 (Frobenius norm); a bf16 base (float32 deltas) within 1e-4 on the losses and 2% on the deltas, since bf16
@@ -53,12 +53,29 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path, family, dtype):
     accelerate_launch(["--multi_gpu", "--mixed_precision", "no", ROOT / "tests" / "distributed_train.py",
                        "--family", family, "--dtype", dtype, "--out", tmp_path])
     (tmp_path / "single").mkdir()
-    expected = distributed_train.train(family, getattr(torch, dtype), "single", tmp_path / "single")
+    expected = distributed_train.train(
+        distributed_train.esft_model(family, getattr(torch, dtype)), "single", tmp_path / "single"
+    )
     loss_atol, relative = TOLERANCES[dtype]
     for strategy in ("ddp", "fsdp2"):
         losses = json.loads((tmp_path / strategy / "losses.json").read_text())
         assert losses == pytest.approx(expected, abs=loss_atol, rel=0)
         assert_adapters_match(tmp_path / "single", tmp_path / strategy, relative)
+
+
+@pytest.mark.parametrize("stage,checkpointing", [(2, True), (3, False)])
+def test_deepspeed_zero_matches_one_process(tmp_path, stage, checkpointing):
+    """ZeRO-3 without checkpointing is the case that needs the shipped config's `leaf_module` setting."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is in the dev extra")
+    accelerate_launch(["--config_file", ROOT / "examples" / "accelerate" / f"deepspeed_zero{stage}.yaml",
+                       ROOT / "tests" / "distributed_train.py", "--family", "qwen3_moe", "--out", tmp_path,
+                       *([] if checkpointing else ["--no-gradient-checkpointing"])], timeout=600)
+    (tmp_path / "single").mkdir()
+    model = distributed_train.esft_model("qwen3_moe", torch.float32, checkpointing=checkpointing)
+    expected = distributed_train.train(model, "single", tmp_path / "single")
+    losses = json.loads((tmp_path / "deepspeed" / "losses.json").read_text())
+    assert losses == pytest.approx(expected, abs=1e-5, rel=0)
+    assert_adapters_match(tmp_path / "single", tmp_path / "deepspeed", 1e-5)
 
 
 def logged_losses(adapter: Path) -> list[float]:

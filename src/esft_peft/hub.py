@@ -16,7 +16,6 @@ from typing import Optional, Union
 from peft import PeftModel
 
 from .config import ESFTConfig
-from .moe_structure import find_moe_layers
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +24,12 @@ CARD_TAGS = ("esft", "moe", "peft", "mixture-of-experts")
 
 
 def adapter_statistics(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, float]:
-    """Parameter counts of ``adapter_name``: adapter parameters, base parameters and the trainable fraction."""
+    """Parameter counts of ``adapter_name``: adapter parameters, base parameters and the trainable fraction
+    (whole counts also while DeepSpeed ZeRO-3 holds only a partition of each parameter)."""
     marker = f".esft_delta.{adapter_name}."
-    adapter = sum(p.numel() for n, p in peft_model.named_parameters() if marker in n)
-    base = sum(p.numel() for n, p in peft_model.named_parameters() if ".esft_delta." not in n)
+    numel = lambda param: getattr(param, "ds_numel", param.numel())  # noqa: E731
+    adapter = sum(numel(p) for n, p in peft_model.named_parameters() if marker in n)
+    base = sum(numel(p) for n, p in peft_model.named_parameters() if ".esft_delta." not in n)
     return {"adapter_parameters": adapter, "base_parameters": base, "trainable_fraction": adapter / base if base else 0.0}
 
 
@@ -48,7 +49,7 @@ def model_card_text(
     if not isinstance(config, ESFTConfig):
         raise ValueError(f"Adapter {adapter_name!r} is not an ESFT adapter.")
     base = config.base_model_name_or_path or "BASE_MODEL"
-    totals = {key: layer.num_experts for key, layer in find_moe_layers(peft_model.base_model.model).items()}
+    totals = {key: layout["num_experts"] for key, layout in (config.base_layout or {}).items()}
     stats = adapter_statistics(peft_model, adapter_name)
     extras = [
         name for name, on in (

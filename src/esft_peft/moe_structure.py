@@ -30,6 +30,18 @@ class NotAnMoEModelError(ValueError):
     """The model has no mixture-of-experts layer that ESFT can adapt."""
 
 
+def check_not_partitioned(model: nn.Module) -> None:
+    """Refuse a model whose weights DeepSpeed ZeRO-3 has already partitioned: expert shapes cannot be read."""
+    if any(hasattr(param, "ds_id") and param.numel() == 0 for param in model.parameters()):
+        raise ValueError(
+            f"{type(model).__name__}'s weights are partitioned by DeepSpeed ZeRO-3 (the model was created under "
+            "zero.Init, because an Accelerator or TrainingArguments with a ZeRO-3 config already existed), so ESFT "
+            "cannot read its experts. Load the model and call get_peft_model before creating them, or set "
+            "`zero3_init_flag: false` in the accelerate config; ZeRO-3 then partitions the wrapped model when it "
+            "is prepared."
+        )
+
+
 @dataclass
 class MoELayer:
     """One MoE layer: where its experts, shared experts and routers live."""
@@ -140,7 +152,9 @@ def find_moe_layers(model: nn.Module) -> dict[str, MoELayer]:
 
     Raises:
         NotAnMoEModelError: when nothing matching an experts layout was found.
+        ValueError: when DeepSpeed ZeRO-3 has partitioned the model's weights.
     """
+    check_not_partitioned(model)
     modules = dict(named_base_modules(model))
     layers: dict[str, MoELayer] = {}
     for name, module in modules.items():

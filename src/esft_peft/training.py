@@ -4,10 +4,12 @@ gathering a (possibly sharded) adapter for saving after multi-process training."
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from contextlib import nullcontext
+from typing import Any, ContextManager, Optional
 
 import torch
 from torch import nn
+from accelerate.utils import extract_model_from_parallel
 from torch.distributed.tensor import DTensor
 from transformers import TrainingArguments
 
@@ -63,14 +65,28 @@ def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors (ESFT deltas, ``modules_to_save`` copies), whole and on CPU, keyed as in
     ``model.state_dict()``; pass them to ``model.save_pretrained(out, state_dict=...)``.
 
-    Works on plain, DDP-wrapped and FSDP2-sharded peft models. Under FSDP2 it all-gathers the sharded adapter
-    tensors (and nothing of the frozen base), so every process must call it.
+    Works on plain, DDP-wrapped, FSDP2-sharded and DeepSpeed (ZeRO-2/3) peft models. Under FSDP2 and ZeRO-3 it
+    gathers the partitioned adapter tensors (and nothing of the frozen base), so every process must call it.
     """
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    adapter = {}
-    for key, value in model.state_dict().items():
-        if any(part in key for part in ADAPTER_KEY_PARTS):
-            whole = value.full_tensor() if isinstance(value, DTensor) else value
-            adapter[key] = whole.detach().cpu()
-    return adapter
+    model = extract_model_from_parallel(model)
+    adapter_params = [param for name, param in model.named_parameters() if _is_adapter_key(name)]
+    zero3_params = [param for param in adapter_params if hasattr(param, "ds_id")]
+    with _zero3_gathered(zero3_params):
+        return {
+            key: (value.full_tensor() if isinstance(value, DTensor) else value).detach().to("cpu", copy=True)
+            for key, value in model.state_dict().items()
+            if _is_adapter_key(key)
+        }
+
+
+def _is_adapter_key(key: str) -> bool:
+    return any(part in key for part in ADAPTER_KEY_PARTS)
+
+
+def _zero3_gathered(params: list[nn.Parameter]) -> ContextManager:
+    """DeepSpeed ZeRO-3 keeps only a partition of each parameter; this gathers ``params`` whole for reading."""
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
