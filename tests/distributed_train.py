@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
+from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -44,11 +45,20 @@ def global_batch(step: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (GLOBAL_BATCH, LENGTH), generator=torch.Generator().manual_seed(step))
 
 
-def esft_model(family: str, dtype: torch.dtype, seed: int = 0, checkpointing: bool = True):
-    base = make_model(family, seed=seed, dtype=dtype)
+def esft_model(
+    family: str, dtype: torch.dtype, seed: int = 0, checkpointing: bool = True, variants: bool = False,
+    pretrained: Path | None = None,
+):
+    """A tiny ESFT model, random or loaded from ``pretrained``; ``variants`` also trains the shared experts and the
+    routers (the paper's Table 3)."""
+    if pretrained is None:
+        base = make_model(family, seed=seed, dtype=dtype)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(pretrained, dtype=dtype)
     if checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(base, ESFTConfig(experts=selection(base)))
+    config = ESFTConfig(experts=selection(base), train_shared_experts=variants, train_router=variants)
+    model = get_peft_model(base, config)
     return model.train()
 
 
@@ -107,24 +117,29 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--variants", action="store_true", help="also train shared experts and routers")
+    parser.add_argument("--zero-init", type=Path, metavar="BASE_DIR", help="load the base from BASE_DIR after the "
+                        "Accelerator exists, so that ZeRO-3 partitions it while loading (zero.Init)")
     args = parser.parse_args()
     dtype, rank = getattr(torch, args.dtype), int(os.environ["RANK"])
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     strategies = ["deepspeed"] if deepspeed else ["ddp", "fsdp2"]
-    # Models first: under ZeRO-3 an existing Accelerator makes transformers build models partitioned (zero.Init).
-    checkpointing = not args.no_gradient_checkpointing
-    models = {s: esft_model(args.family, dtype, rank if s == "fsdp2" else 0, checkpointing) for s in strategies}
+    # Under ZeRO-3 an existing Accelerator makes transformers build models partitioned (zero.Init): models are
+    # built before it, unless --zero-init asks for exactly that.
+    options = dict(checkpointing=not args.no_gradient_checkpointing, variants=args.variants, pretrained=args.zero_init)
+
+    def build() -> dict:
+        return {s: esft_model(args.family, dtype, rank if s == "fsdp2" else 0, **options) for s in strategies}
+
+    models = {} if args.zero_init else build()
     if deepspeed:
         accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
-        if accelerator.state.deepspeed_plugin.zero_stage == 3:
-            try:
-                esft_model(args.family, dtype)
-            except ValueError as error:
-                assert "partitioned by DeepSpeed ZeRO-3" in str(error), error
-            else:
-                raise AssertionError("a model partitioned by zero.Init was wrapped without an error")
     else:
         accelerator = Accelerator(cpu=True)
+    if args.zero_init:
+        models = build()
+        base = [p for n, p in models["deepspeed"].named_parameters() if ".esft_delta." not in n]
+        assert all(hasattr(p, "ds_id") for p in base), "the model was not partitioned at construction"
     expected_type = "DEEPSPEED" if deepspeed else "MULTI_CPU"
     assert accelerator.num_processes == 2 and accelerator.distributed_type == expected_type, accelerator.state
     for strategy in strategies:

@@ -24,6 +24,7 @@ import distributed_train
 from esft_peft import demo
 from esft_peft import synthetic_tasks as st
 from esft_peft.cli import main
+from tiny_families import make_model
 
 ROOT = Path(__file__).parent.parent
 TOLERANCES = {"float32": (1e-5, 1e-5), "bfloat16": (1e-4, 2e-2)}  # (loss atol, delta relative norm)
@@ -63,15 +64,28 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path, family, dtype):
         assert_adapters_match(tmp_path / "single", tmp_path / strategy, relative)
 
 
-@pytest.mark.parametrize("stage,checkpointing", [(2, True), (3, False)])
-def test_deepspeed_zero_matches_one_process(tmp_path, stage, checkpointing):
-    """ZeRO-3 without checkpointing is the case that needs the shipped config's `leaf_module` setting."""
+DEEPSPEED_CASES = {  # name: (stage, family, script options)
+    "zero2": (2, "qwen3_moe", []),
+    # without checkpointing the MoE block's inputs need no gradient: the case of the shipped `leaf_module` setting
+    "zero3-leaf": (3, "qwen3_moe", ["--no-gradient-checkpointing"]),
+    # loaded after the Accelerator (partitioned while loading), shared experts and routers trained too
+    "zero3-init-variants": (3, "deepseek_v2", ["--zero-init", "BASE_DIR", "--variants"]),
+}
+
+
+@pytest.mark.parametrize("case", DEEPSPEED_CASES)
+def test_deepspeed_zero_matches_one_process(tmp_path, case):
     pytest.importorskip("deepspeed", reason="DeepSpeed is in the dev extra")
+    stage, family, options = DEEPSPEED_CASES[case]
+    if "--zero-init" in options:
+        make_model(family).save_pretrained(tmp_path / "base")
+        options = [tmp_path / "base" if option == "BASE_DIR" else option for option in options]
     accelerate_launch(["--config_file", ROOT / "examples" / "accelerate" / f"deepspeed_zero{stage}.yaml",
-                       ROOT / "tests" / "distributed_train.py", "--family", "qwen3_moe", "--out", tmp_path,
-                       *([] if checkpointing else ["--no-gradient-checkpointing"])], timeout=600)
+                       ROOT / "tests" / "distributed_train.py", "--family", family, "--out", tmp_path, *options],
+                      timeout=600)
     (tmp_path / "single").mkdir()
-    model = distributed_train.esft_model("qwen3_moe", torch.float32, checkpointing=checkpointing)
+    model = distributed_train.esft_model(family, torch.float32, checkpointing="--no-gradient-checkpointing" not in options,
+                                         variants="--variants" in options)
     expected = distributed_train.train(model, "single", tmp_path / "single")
     losses = json.loads((tmp_path / "deepspeed" / "losses.json").read_text())
     assert losses == pytest.approx(expected, abs=1e-5, rel=0)

@@ -14,6 +14,7 @@ from torch import nn
 from transformers.integrations.moe import _grouped_linear
 
 from .moe_structure import DENSE_BMM, FUSED, PARALLEL_LINEAR, SPLIT_GLU
+from .partitioned import is_partitioned
 
 Deltas = dict[str, torch.Tensor]  # parameter name -> (k, *per-expert shape) rows, aligned with expert ids
 
@@ -124,6 +125,12 @@ class SplitGluLayout(RoutedLayout):
 
     def expert_views(self, experts):
         mlp = experts.mlp
+        if any(is_partitioned(getattr(mlp, name)) for name in self.names):
+            raise ValueError(
+                "dbrx experts are partitioned by DeepSpeed ZeRO-3 (zero.Init), and their 2-D weights cannot be split "
+                "per expert then. Load the model and call get_peft_model before creating the Accelerator or "
+                "TrainingArguments with a ZeRO-3 config; ZeRO-3 then partitions the wrapped model when prepared."
+            )
         return {name: getattr(mlp, name).view(experts.num_experts, -1, mlp.hidden_size) for name in self.names}
 
     def expert_diff(self, experts, x, expert, delta):

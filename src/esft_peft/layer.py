@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
-from torch.func import functional_call
 
 from .expert_layouts import ExpertsLayout, layout_for
+from .partitioned import logical_shape
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,29 @@ def _report_merge_loss(where: str, adapter: str, intended: torch.Tensor, applied
             "or merge into a float32 copy of the base, to keep the full update.",
             adapter, where, str(applied.dtype).removeprefix("torch."), 100 * lost,
         )
+
+
+def _call_with_deltas(module: nn.Module, deltas: dict[str, torch.Tensor], args: tuple, kwargs: dict):
+    """Call ``module``, hooks included, with ``weight + delta`` in place of its parameters named in ``deltas``.
+
+    The sums are formed in a pre-forward hook registered last, so after any hook that materialises the weights
+    (DeepSpeed ZeRO-3 gathers partitions there); instance attributes then shadow ``_parameters`` for
+    ``self.<name>`` reads, leaving the registered parameters in place for the hooks that manage them.
+    """
+
+    def shadow_weights(mod: nn.Module, _args: tuple) -> None:
+        params = dict(mod.named_parameters(recurse=False))
+        vars(mod).update(
+            {name: (params[name].to(delta.dtype) + delta).to(params[name].dtype) for name, delta in deltas.items()}
+        )
+
+    handle = module.register_forward_pre_hook(shadow_weights)
+    try:
+        return module(*args, **kwargs)
+    finally:
+        handle.remove()
+        for name in deltas:
+            vars(module).pop(name, None)
 
 
 def _scaled(weight: float, tensor: torch.Tensor) -> torch.Tensor:
@@ -83,7 +106,9 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         views = self.layout.expert_views(self.get_base_layer())
         deltas = nn.ParameterDict(
             {
-                name: nn.Parameter(torch.zeros((len(expert_ids), *view.shape[1:]), dtype=view.dtype, device=view.device))
+                name: nn.Parameter(
+                    torch.zeros((len(expert_ids), *logical_shape(view)[1:]), dtype=view.dtype, device=view.device)
+                )
                 for name, view in views.items()
             }
         )
@@ -179,7 +204,7 @@ class ModuleDeltaLayer(nn.Module, ESFTLayer):
     a router, ...); holds one zero-initialised delta per direct parameter.
 
     Linear layers add ``F.linear(x, delta_w, delta_b)`` to the base output; other modules run with
-    ``weight + delta`` through ``torch.func.functional_call``. A zero delta reproduces the base exactly.
+    ``weight + delta`` in place of their weights. A zero delta reproduces the base exactly.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
@@ -190,7 +215,12 @@ class ModuleDeltaLayer(nn.Module, ESFTLayer):
     def update_layer(self, adapter_name: str, *_: Any) -> None:
         params = dict(self.get_base_layer().named_parameters(recurse=False))
         self.esft_delta[adapter_name] = nn.ParameterDict(
-            {name: nn.Parameter(torch.zeros_like(param, requires_grad=False)) for name, param in params.items()}
+            {
+                name: nn.Parameter(
+                    torch.zeros(logical_shape(param), dtype=param.dtype, device=param.device), requires_grad=False
+                )
+                for name, param in params.items()
+            }
         )
         self.set_adapter(self.active_adapters)
 
@@ -218,9 +248,7 @@ class ModuleDeltaLayer(nn.Module, ESFTLayer):
             x = args[0] if args else kwargs["input"]
             bias = deltas["bias"].to(x.dtype) if "bias" in deltas else None
             return self.base_layer(*args, **kwargs) + F.linear(x, deltas["weight"].to(x.dtype), bias)
-        params = dict(base.named_parameters(recurse=False))
-        replaced = {name: (params[name].to(delta.dtype) + delta).to(params[name].dtype) for name, delta in deltas.items()}
-        return functional_call(base, replaced, args, kwargs, strict=False)
+        return _call_with_deltas(base, deltas, args, kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)

@@ -10,6 +10,8 @@ from typing import Iterator
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .partitioned import logical_shape
+
 # Layout kinds of a routed-experts container:
 FUSED = "fused"  # transformers' @use_experts_implementation: 3-D gate_up_proj/up_proj + down_proj, routed call
 DENSE_BMM = "dense_bmm"  # llama4: 3-D transposed weights, every expert sees every (pre-scaled) token
@@ -28,18 +30,6 @@ SEARCHED = (
 
 class NotAnMoEModelError(ValueError):
     """The model has no mixture-of-experts layer that ESFT can adapt."""
-
-
-def check_not_partitioned(model: nn.Module) -> None:
-    """Refuse a model whose weights DeepSpeed ZeRO-3 has already partitioned: expert shapes cannot be read."""
-    if any(hasattr(param, "ds_id") and param.numel() == 0 for param in model.parameters()):
-        raise ValueError(
-            f"{type(model).__name__}'s weights are partitioned by DeepSpeed ZeRO-3 (the model was created under "
-            "zero.Init, because an Accelerator or TrainingArguments with a ZeRO-3 config already existed), so ESFT "
-            "cannot read its experts. Load the model and call get_peft_model before creating them, or set "
-            "`zero3_init_flag: false` in the accelerate config; ZeRO-3 then partitions the wrapped model when it "
-            "is prepared."
-        )
 
 
 @dataclass
@@ -85,7 +75,7 @@ def base_named_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter
 def classify_experts(module: nn.Module) -> str | None:
     """The layout kind of an experts container, or None when it is not one."""
     params = dict(module.named_parameters(recurse=False))
-    has_3d = lambda name: name in params and params[name].dim() == 3  # noqa: E731
+    has_3d = lambda name: name in params and len(logical_shape(params[name])) == 3  # noqa: E731
     if hasattr(module, "has_gate") and hasattr(module, "is_transposed") and has_3d("down_proj"):
         if has_3d("gate_up_proj") or has_3d("up_proj"):
             return FUSED
@@ -94,7 +84,7 @@ def classify_experts(module: nn.Module) -> str | None:
     mlp = getattr(module, "mlp", None)
     if mlp is not None and hasattr(module, "num_experts"):
         mlp_params = dict(mlp.named_parameters(recurse=False))
-        if {"w1", "v1", "w2"} <= set(mlp_params) and all(mlp_params[n].dim() == 2 for n in ("w1", "v1", "w2")):
+        if {"w1", "v1", "w2"} <= set(mlp_params) and all(len(logical_shape(mlp_params[n])) == 2 for n in ("w1", "v1", "w2")):
             return SPLIT_GLU
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)) and len(module) > 1:
         children = list(module.children())
@@ -107,7 +97,7 @@ def classify_experts(module: nn.Module) -> str | None:
 
 def _is_parallel_linear(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
-    return isinstance(weight, nn.Parameter) and weight.dim() == 3 and hasattr(module, "num_experts")
+    return isinstance(weight, nn.Parameter) and len(logical_shape(weight)) == 3 and hasattr(module, "num_experts")
 
 
 def _layer_key(name: str) -> tuple[str, str] | None:
@@ -135,7 +125,7 @@ def _experts_count(module: nn.Module, kind: str) -> int:
         return int(module.num_experts)
     if kind == PARALLEL_LINEAR:
         return int(unwrap(module.input_linear).num_experts)
-    return int(module.down_proj.shape[0])
+    return int(logical_shape(module.down_proj)[0])
 
 
 def _children_named(parent: nn.Module, parent_name: str, predicate) -> list[str]:
@@ -152,9 +142,7 @@ def find_moe_layers(model: nn.Module) -> dict[str, MoELayer]:
 
     Raises:
         NotAnMoEModelError: when nothing matching an experts layout was found.
-        ValueError: when DeepSpeed ZeRO-3 has partitioned the model's weights.
     """
-    check_not_partitioned(model)
     modules = dict(named_base_modules(model))
     layers: dict[str, MoELayer] = {}
     for name, module in modules.items():

@@ -15,6 +15,7 @@ from .moe_structure import (
     named_base_modules,
     parameter_modules,
 )
+from .partitioned import logical_shape
 
 MODULE = "module"  # a whole module trained through a ModuleDeltaLayer
 
@@ -54,13 +55,13 @@ def base_layout(model: nn.Module, layers: dict[str, MoELayer], keys: list[str]) 
         layer = layers[key]
         if layer.kind == MODULE_LIST:
             first = modules[layer.expert_modules[min(layer.expert_modules)]]
-            shapes = {name: list(p.shape) for name, p in base_named_parameters(first)}
+            shapes = {name: list(logical_shape(p)) for name, p in base_named_parameters(first)}
         else:
             shapes = {}
             for target in layer.expert_targets:
                 views = layout_for(layer.kind, modules[target]).expert_views(modules[target])
                 suffix = target.removeprefix(layer.experts_name).lstrip(".")
-                shapes.update({f"{suffix}.{n}" if suffix else n: list(v.shape[1:]) for n, v in views.items()})
+                shapes.update({f"{suffix}.{n}" if suffix else n: list(logical_shape(v)[1:]) for n, v in views.items()})
         record[key] = {"kind": layer.kind, "num_experts": layer.num_experts, "expert_shapes": shapes}
     return record
 

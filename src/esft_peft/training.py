@@ -4,14 +4,15 @@ gathering a (possibly sharded) adapter for saving after multi-process training."
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
-from typing import Any, ContextManager, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from accelerate.utils import extract_model_from_parallel
 from torch.distributed.tensor import DTensor
 from transformers import TrainingArguments
+
+from .partitioned import gathered
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +71,7 @@ def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     model = extract_model_from_parallel(model)
     adapter_params = [param for name, param in model.named_parameters() if _is_adapter_key(name)]
-    zero3_params = [param for param in adapter_params if hasattr(param, "ds_id")]
-    with _zero3_gathered(zero3_params):
+    with gathered(adapter_params):
         return {
             key: (value.full_tensor() if isinstance(value, DTensor) else value).detach().to("cpu", copy=True)
             for key, value in model.state_dict().items()
@@ -81,12 +81,3 @@ def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _is_adapter_key(key: str) -> bool:
     return any(part in key for part in ADAPTER_KEY_PARTS)
-
-
-def _zero3_gathered(params: list[nn.Parameter]) -> ContextManager:
-    """DeepSpeed ZeRO-3 keeps only a partition of each parameter; this gathers ``params`` whole for reading."""
-    if not params:
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
