@@ -1,12 +1,14 @@
 """Training cost of ESFT against the frozen-base floor, full fine-tuning and LoRA on the same MoE and data.
 
-    python benchmarks/compare_methods.py [--layers 4 --steps 20 --device cpu]
+    python benchmarks/compare_methods.py [--layers 4 --steps 20 --device cpu] [--esft-experts 6]
+    python benchmarks/compare_methods.py --esft-experts 1 3 6 12 24 64   # ESFT cost against the selection size
 
 The model is DeepSeek-V2-Lite-shaped (64 routed + 2 shared experts, top-6, first layer dense) scaled down to run
 on CPU. Each method runs in its own subprocess so that its peak memory is its own: on CPU the peak RSS, in total
 and above the process's RSS before the model was built (the Python/torch libraries, the same for every method);
 on CUDA ``torch.cuda.max_memory_allocated``. ESFT trains 6 of 64 experts per MoE layer (9%, paper-like), chosen
-by token scores on the benchmark data.
+by token scores on the benchmark data (the most-used experts, the costliest choice of that size);
+``--esft-experts`` runs ESFT once per listed size.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_method(method: str, layers: int, steps: int, device: torch.device) -> dict:
+def run_method(method: str, layers: int, steps: int, device: torch.device, esft_experts: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from esft_peft import ESFTConfig, score_experts
@@ -68,7 +70,7 @@ def run_method(method: str, layers: int, steps: int, device: torch.device) -> di
         model.enable_input_require_grads()
     elif method == "esft":
         scores = score_experts(model, [batch], show_progress=False)
-        model = get_peft_model(model, ESFTConfig(experts=scores.select(score_function="token", top_k=6)))
+        model = get_peft_model(model, ESFTConfig(experts=scores.select(score_function="token", top_k=esft_experts)))
     elif method == "lora":
         config = LoraConfig(r=8, target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
         model = get_peft_model(model, config)
@@ -112,19 +114,24 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per method (after 2 warm-up steps)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--esft-experts", type=int, nargs="+", default=[6], metavar="K",
+                        help="experts trained per MoE layer by ESFT, one run per value (default: 6 of 64)")
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.method:
-        print(json.dumps(run_method(args.method, args.layers, args.steps, torch.device(args.device))))
+        result = run_method(args.method, args.layers, args.steps, torch.device(args.device), args.esft_experts[0])
+        print(json.dumps(result))
         return
     results = {}
-    for method in METHODS:
+    runs = [("floor", 0), *(("esft", k) for k in args.esft_experts), ("fft", 0), ("lora", 0)]
+    for method, experts in runs:
+        name = f"esft ({experts}/64)" if method == "esft" else method
         done = subprocess.run([sys.executable, __file__, "--method", method, "--layers", str(args.layers),
-                               "--steps", str(args.steps), "--device", args.device],
+                               "--steps", str(args.steps), "--device", args.device, "--esft-experts", str(experts)],
                               capture_output=True, text=True, env=os.environ)
         if done.returncode != 0:
-            raise SystemExit(f"{method} failed:\n{done.stderr[-2000:]}")
-        results[method] = json.loads(done.stdout.strip().splitlines()[-1])
+            raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
     print(markdown_table(results))
 
 
