@@ -220,7 +220,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
         trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator)
         trainer.train()
-    adapter_state = gather_adapter_state_dict(model)  # every process takes part (FSDP2 shards are gathered)
+    adapter_state = gather_adapter_state_dict(model)  # every process takes part (FSDP2/ZeRO-3 partitions)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=adapter_state)

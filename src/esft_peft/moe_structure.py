@@ -84,7 +84,8 @@ def classify_experts(module: nn.Module) -> str | None:
     mlp = getattr(module, "mlp", None)
     if mlp is not None and hasattr(module, "num_experts"):
         mlp_params = dict(mlp.named_parameters(recurse=False))
-        if {"w1", "v1", "w2"} <= set(mlp_params) and all(len(logical_shape(mlp_params[n])) == 2 for n in ("w1", "v1", "w2")):
+        names = ("w1", "v1", "w2")
+        if set(names) <= set(mlp_params) and all(len(logical_shape(mlp_params[n])) == 2 for n in names):
             return SPLIT_GLU
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)) and len(module) > 1:
         children = list(module.children())

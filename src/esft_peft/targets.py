@@ -61,7 +61,9 @@ def base_layout(model: nn.Module, layers: dict[str, MoELayer], keys: list[str]) 
             for target in layer.expert_targets:
                 views = layout_for(layer.kind, modules[target]).expert_views(modules[target])
                 suffix = target.removeprefix(layer.experts_name).lstrip(".")
-                shapes.update({f"{suffix}.{n}" if suffix else n: list(logical_shape(v)[1:]) for n, v in views.items()})
+                shapes.update(
+                    {f"{suffix}.{n}" if suffix else n: list(logical_shape(v)[1:]) for n, v in views.items()}
+                )
         record[key] = {"kind": layer.kind, "num_experts": layer.num_experts, "expert_shapes": shapes}
     return record
 

@@ -7,8 +7,8 @@ import logging
 from typing import Any, Optional
 
 import torch
-from torch import nn
 from accelerate.utils import extract_model_from_parallel
+from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import TrainingArguments
 
