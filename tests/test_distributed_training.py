@@ -64,19 +64,20 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path, family, dtype):
         assert_adapters_match(tmp_path / "single", tmp_path / strategy, relative)
 
 
-DEEPSPEED_CASES = {  # name: (stage, family, script options)
-    "zero2": (2, "qwen3_moe", []),
+DEEPSPEED_CASES = {  # name: (stage, family, script options, delta relative tolerance)
+    "zero2": (2, "qwen3_moe", [], 1e-5),
     # without checkpointing the MoE block's inputs need no gradient: the case of the shipped `leaf_module` setting
-    "zero3-leaf": (3, "qwen3_moe", ["--no-gradient-checkpointing"]),
-    # loaded after the Accelerator (partitioned while loading), shared experts and routers trained too
-    "zero3-init-variants": (3, "deepseek_v2", ["--zero-init", "BASE_DIR", "--variants"]),
+    "zero3-leaf": (3, "qwen3_moe", ["--no-gradient-checkpointing"], 1e-5),
+    # loaded after the Accelerator (partitioned while loading), shared experts and routers trained too; the shared
+    # experts' deltas move most (measured 5e-6), hence the wider tolerance
+    "zero3-init-variants": (3, "deepseek_v2", ["--zero-init", "BASE_DIR", "--variants"], 5e-5),
 }
 
 
 @pytest.mark.parametrize("case", DEEPSPEED_CASES)
 def test_deepspeed_zero_matches_one_process(tmp_path, case):
     pytest.importorskip("deepspeed", reason="DeepSpeed is in the dev extra")
-    stage, family, options = DEEPSPEED_CASES[case]
+    stage, family, options, relative = DEEPSPEED_CASES[case]
     if "--zero-init" in options:
         make_model(family).save_pretrained(tmp_path / "base")
         options = [tmp_path / "base" if option == "BASE_DIR" else option for option in options]
@@ -89,7 +90,7 @@ def test_deepspeed_zero_matches_one_process(tmp_path, case):
     expected = distributed_train.train(model, "single", tmp_path / "single")
     losses = json.loads((tmp_path / "deepspeed" / "losses.json").read_text())
     assert losses == pytest.approx(expected, abs=1e-5, rel=0)
-    assert_adapters_match(tmp_path / "single", tmp_path / "deepspeed", 1e-5)
+    assert_adapters_match(tmp_path / "single", tmp_path / "deepspeed", relative)
 
 
 def logged_losses(adapter: Path) -> list[float]:
