@@ -66,15 +66,8 @@ def train(model, strategy: str, out: Path, accelerator=None) -> list[float]:
     """Train ``STEPS`` steps; rank 0 writes the adapter to ``out``. Returns the per-step global losses."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     card_before = model_card_text(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
     if strategy == "ddp":
         model = accelerator.prepare(model)
-    elif strategy == "deepspeed":
-        config = accelerator.state.deepspeed_plugin.deepspeed_config
-        config.update(train_micro_batch_size_per_gpu=GLOBAL_BATCH // world, gradient_clipping=0.0)
-        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny tensors
-        model, optimizer = accelerator.prepare(model, optimizer)
     elif strategy == "fsdp2":
         from accelerate import FullyShardedDataParallelPlugin
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
@@ -83,10 +76,14 @@ def train(model, strategy: str, out: Path, accelerator=None) -> list[float]:
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap", cpu_ram_efficient_loading=True,
             state_dict_type="FULL_STATE_DICT",
         )
-        model = fsdp2_prepare_model(accelerator, model)
-        optimizer = torch.optim.AdamW(  # FSDP2 replaced the parameters by sharded ones
-            [p for p in model.parameters() if p.requires_grad], lr=LR, betas=(0.9, 0.95), weight_decay=0.1
-        )
+        model = fsdp2_prepare_model(accelerator, model)  # replaces the parameters by sharded ones
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+    if strategy == "deepspeed":  # DeepSpeed wraps model and optimizer together
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        config.update(train_micro_batch_size_per_gpu=GLOBAL_BATCH // world, gradient_clipping=0.0)
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny tensors
+        model, optimizer = accelerator.prepare(model, optimizer)
     losses = []
     for step in range(STEPS):
         ids = global_batch(step).chunk(world)[rank]
