@@ -25,7 +25,7 @@ from torch import nn
 import esft_peft
 from esft_peft import ESFTConfig
 from esft_peft import demo
-from esft_peft import synthetic_tasks as st
+from esft_peft.demo import synthetic_tasks as st
 
 logger = logging.getLogger("paper_in_miniature")
 
@@ -125,7 +125,7 @@ def main() -> None:
     table = summarise(runs)
     print(table)
     if args.out:
-        from esft_peft.adapter_files import atomic_write_text
+        from esft_peft.interop.files import atomic_write_text
 
         atomic_write_text(args.out, json.dumps({"seeds": args.seeds, "steps": steps, "runs": runs, "table": table},
                                                indent=2))

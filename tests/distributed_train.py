@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import esft_peft  # noqa: E402,F401  (registers ESFT)
 from esft_helpers import VOCAB, selection  # noqa: E402
 from esft_peft import ESFTConfig  # noqa: E402
-from esft_peft.hub import model_card_text  # noqa: E402
+from esft_peft.interop.hub import model_card_text  # noqa: E402
 from esft_peft.training import gather_adapter_state_dict  # noqa: E402
 from tiny_families import make_model  # noqa: E402
 

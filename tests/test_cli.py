@@ -9,8 +9,8 @@ from huggingface_hub import HfApi
 from safetensors import safe_open
 
 from esft_peft import demo
-from esft_peft import synthetic_tasks as st
-from esft_peft.cli import build_parser, main
+from esft_peft.demo import synthetic_tasks as st
+from esft_peft.cli.main import build_parser, main
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'user' %} ={% endif %} {% endfor %}"
 
@@ -154,7 +154,7 @@ def test_messages_column_with_chat_template(workspace, tmp_path, capsys):
 
 
 def test_train_on_conversations_labels_only_assistant_turns(workspace, tmp_path, capsys):
-    from esft_peft.cli import encode_messages, load_tokenizer
+    from esft_peft.cli.main import encode_messages, load_tokenizer
 
     tokenizer = load_tokenizer(str(workspace / "model"), str(workspace / "template.jinja"))
     messages = [{"role": "user", "content": "<copy> 1 2 3 4 5 6"}, {"role": "assistant", "content": "1 2 3 4 5 6 </s>"}]

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 import distributed_train
 from esft_peft import demo
-from esft_peft import synthetic_tasks as st
+from esft_peft.demo import synthetic_tasks as st
 from esft_peft.cli import main
 from tiny_families import make_model
 

@@ -36,7 +36,7 @@ def test_small_update_lost_when_merging_into_bf16_is_reported(caplog):
         for delta in delta_params(model).values():
             delta.fill_(1e-5)  # far below bf16 resolution of weights around 1e-2
     assert {p.dtype for p in delta_params(model).values()} == {torch.float32}  # the fp32 master keeps it
-    with caplog.at_level(logging.WARNING, logger="esft_peft.layer"):
+    with caplog.at_level(logging.WARNING, logger="esft_peft.tuners.esft.layer"):
         model.merge_adapter()
     assert "rounded away" in caplog.text
     model.unmerge_adapter()
@@ -48,7 +48,7 @@ def test_large_enough_update_survives_bf16_merge(caplog):
     with torch.no_grad():
         for delta in delta_params(model).values():
             delta.copy_(torch.randn_like(delta) * 0.05)
-    with caplog.at_level(logging.WARNING, logger="esft_peft.layer"):
+    with caplog.at_level(logging.WARNING, logger="esft_peft.tuners.esft.layer"):
         merged = model.merge_and_unload()
     assert "rounded away" not in caplog.text
     assert merged.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16

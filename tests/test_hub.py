@@ -12,7 +12,7 @@ from huggingface_hub import HfApi
 from peft import get_peft_model
 
 from esft_peft import ESFTConfig
-from esft_peft.hub import adapter_statistics, model_card_text, push_adapter, write_model_card
+from esft_peft.interop.hub import adapter_statistics, model_card_text, push_adapter, write_model_card
 from esft_helpers import logits, train_steps
 from tiny_families import make_model
 

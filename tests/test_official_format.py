@@ -8,7 +8,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from esft_peft import find_moe_layers
-from esft_peft.official_format import (
+from esft_peft.interop.official import (
     OFFICIAL_CONFIG_NAME,
     UnsupportedLayoutError,
     convert_from_official,

@@ -7,8 +7,8 @@ import torch
 from peft import get_peft_model
 
 from esft_peft import ESFTConfig
-from esft_peft.hub import adapter_statistics
-from esft_peft.partitioned import is_partitioned, logical_shape
+from esft_peft.interop.hub import adapter_statistics
+from esft_peft.moe.partitioned import is_partitioned, logical_shape
 from esft_helpers import selection
 from tiny_families import make_model
 

@@ -10,7 +10,8 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 import esft_peft
 from esft_peft import ESFTConfig, ESFTModel
 from esft_peft import registration
-from esft_peft.registration import RegistrationError, register_esft
+from esft_peft import register_esft
+from esft_peft.tuners.registration import RegistrationError
 from esft_helpers import logits, selection, train_steps
 from tiny_families import make_model
 

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from tiny_families import make_model
 
 from esft_peft import ESFTConfig, NotAnMoEModelError, find_moe_layers
-from esft_peft import synthetic_tasks as st
-from esft_peft.moe_structure import DENSE_BMM, FUSED, MODULE_LIST, PARALLEL_LINEAR, SPLIT_GLU
+from esft_peft.demo import synthetic_tasks as st
 from esft_peft.scoring import (
     AllTokensMaskedError,
     EmptyDataError,
@@ -23,6 +22,7 @@ from esft_peft.scoring import (
     score_experts,
 )
 
+FUSED, SPLIT_GLU, DENSE_BMM, PARALLEL_LINEAR, MODULE_LIST = "fused", "split_glu", "dense_bmm", "parallel_linear", "module_list"
 OFFICIAL = Path(__file__).parent / "data" / "esft_official"
 TASKS = ("intent", "law", "summary", "translation")
 MATRIX = ("qwen3_moe", "deepseek_v3", "gpt_oss", "llama4_text", "jetmoe", "dbrx", "modulelist")

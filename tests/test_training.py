@@ -88,7 +88,7 @@ def test_load_best_model_at_end(tmp_path):
 def test_trl_sft_trainer_with_esft_peft_config(tmp_path):
     from trl import SFTConfig, SFTTrainer
 
-    from esft_peft.synthetic_tasks import build_tokenizer
+    from esft_peft.demo.synthetic_tasks import build_tokenizer
 
     tokenizer = build_tokenizer()
     model = make_model("qwen3_moe", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)

@@ -16,8 +16,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from esft_peft import ESFTConfig, ESFTLayer, find_moe_layers
-from esft_peft.moe_structure import FUSED, MODULE_LIST
-from esft_peft.targets import base_layout
+from esft_peft.tuners.esft.targets import base_layout
 from esft_helpers import delta_params, logits, safetensors_layout, selection, state_copy, train_steps
 from tiny_families import FAMILIES, make_model
 
@@ -121,17 +120,15 @@ def _unselected_experts_equal(family: str, merged, base, experts: dict[str, list
     merged_params = dict(merged.named_parameters())
     for key, layer in layers.items():
         chosen = set(experts.get(key, []))
-        if layer.kind == MODULE_LIST:
+        if layer.expert_modules:
             for expert, name in layer.expert_modules.items():
                 for pname, param in base.get_submodule(name).named_parameters():
                     same = torch.equal(merged_params[f"{name}.{pname}"], param)
                     assert same != (expert in chosen and param.abs().sum() > 0) or expert not in chosen
             continue
-        for target in layer.expert_targets:
-            from esft_peft.expert_layouts import layout_for
-
-            base_views = layout_for(layer.kind, base.get_submodule(target)).expert_views(base.get_submodule(target))
-            merged_views = layout_for(layer.kind, merged.get_submodule(target)).expert_views(merged.get_submodule(target))
+        for target in layer.delta_targets:
+            base_views = layer.layout.expert_views(base.get_submodule(target))
+            merged_views = layer.layout.expert_views(merged.get_submodule(target))
             for name, view in base_views.items():
                 for expert in range(layer.num_experts):
                     if expert not in chosen:
@@ -251,7 +248,7 @@ def test_fresh_process_reload_is_exact_on_every_family(tmp_path):
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {family: True for family in FAMILY_NAMES}
 
 
-FUSED_FAMILIES = [f for f in FAMILY_NAMES if {l.kind for l in find_moe_layers(make_model(f)).values()} == {FUSED}]
+FUSED_FAMILIES = [f for f in FAMILY_NAMES if {l.kind for l in find_moe_layers(make_model(f)).values()} == {"fused"}]
 
 
 @pytest.mark.parametrize("family", FUSED_FAMILIES[:6] + ["gpt_oss"] if "gpt_oss" not in FUSED_FAMILIES[:6] else FUSED_FAMILIES[:6])

@@ -1,31 +1,38 @@
-"""esft-peft: Expert-Specialized Fine-Tuning (ESFT) for Mixture-of-Experts models as a Hugging Face PEFT method.
+"""esft-peft: expert-level parameter-efficient fine-tuning of Mixture-of-Experts LLMs as Hugging Face PEFT methods.
 
 Importing the package registers ``"ESFT"`` with peft.
 """
 
-from .config import ESFTConfig
-from .layer import ESFTLayer, ExpertsDeltaLayer, ModuleDeltaLayer
-from .model import ESFTModel
-from .moe_structure import MoELayer, NotAnMoEModelError, find_moe_layers
-from .registration import register_esft
-from .scoring import ExpertScores, IncompatibleScoresError, compare_tasks, score_experts
+from .moe.discovery import MoELayer, find_moe_layers
+from .moe.errors import NotAnMoEModelError
+from .scoring import (
+    ExpertScores,
+    IncompatibleScoresError,
+    TaskComparison,
+    compare_tasks,
+    plot_comparison,
+    plot_scores,
+    score_experts,
+)
+from .tuners.esft import ESFTConfig, ESFTLayer, ESFTModel, ExpertsDeltaLayer, ModuleDeltaLayer, register_esft
 
 __version__ = "0.1.0"
-
-register_esft()
 
 __all__ = [
     "ESFTConfig",
     "ESFTLayer",
     "ESFTModel",
     "ExpertScores",
-    "IncompatibleScoresError",
     "ExpertsDeltaLayer",
+    "IncompatibleScoresError",
     "ModuleDeltaLayer",
     "MoELayer",
     "NotAnMoEModelError",
+    "TaskComparison",
     "compare_tasks",
     "find_moe_layers",
+    "plot_comparison",
+    "plot_scores",
     "register_esft",
     "score_experts",
 ]

@@ -32,82 +32,42 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter_files import atomic_directory_write
-from .config import ESFTConfig
-from .moe_structure import FUSED, MODULE_LIST, MoELayer, find_moe_layers, unwrap
+from ..defaults import EXPERT_CONFIG_NAME, OFFICIAL_WEIGHTS_NAME
+from ..moe.discovery import MoELayer, find_moe_layers
+from ..moe.errors import UnsupportedLayoutError
+from ..moe.layouts.base import PROJECTIONS, unwrap, with_delta
+from ..tuners.esft.config import ESFTConfig
+from .files import atomic_directory_write
 
 logger = logging.getLogger(__name__)
 
-OFFICIAL_CONFIG_NAME = "expert_cfg.json"
-OFFICIAL_WEIGHTS_NAME = "model.safetensors"
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 OFFICIAL_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 PathLike = Union[str, os.PathLike]
-
-
-class UnsupportedLayoutError(ValueError):
-    """The base model stores its experts in a layout the official format cannot be mapped onto."""
 
 
 def official_key(layer: str, expert: int, projection: str) -> str:
     return f"model.layers.{layer}.mlp.experts.{expert}.{projection}.weight"
 
 
-def _projection_views(weights: dict[str, torch.Tensor], layer: MoELayer, experts: nn.Module) -> dict[str, torch.Tensor]:
-    """Views of one expert's gate/up/down weights in ``nn.Linear`` orientation (out, in), sharing storage.
-
-    ``weights`` maps the experts container's parameter names to this expert's tensors (base row or delta row).
-    """
-    check_layout(layer, experts)
-    if layer.kind == MODULE_LIST:
-        return {projection: weights[projection] for projection in PROJECTIONS}
-    gate_up, down = weights["gate_up_proj"], weights["down_proj"]
-    if experts.is_transposed:  # (H, 2I) and (I, H)
-        gate_up, down = gate_up.T, down.T
-    half = gate_up.shape[0] // 2
-    return {"gate_proj": gate_up[:half], "up_proj": gate_up[half:], "down_proj": down}
-
-
-def check_layout(layer: MoELayer, experts: nn.Module) -> None:
-    """Raise :class:`UnsupportedLayoutError` unless the layer's experts map onto gate/up/down projections."""
-    if layer.kind == MODULE_LIST:
-        first = experts[0] if isinstance(experts, nn.ModuleList) else next(iter(experts.children()))
-        names = {name for name, _ in unwrap(first).named_children()}
-        if not set(PROJECTIONS) <= names:
-            raise UnsupportedLayoutError(
-                f"Layer {layer.key}: ModuleList experts without gate_proj/up_proj/down_proj ({sorted(names)})."
-            )
-        return
-    if layer.kind != FUSED:
-        raise UnsupportedLayoutError(
-            f"Layer {layer.key}: experts of kind {layer.kind!r} cannot be mapped onto the official ESFT format "
-            "(supported: fused gate_up_proj/down_proj experts and ModuleList experts)."
-        )
-    if not experts.has_gate or not experts.is_concatenated or experts.has_bias:
-        raise UnsupportedLayoutError(
-            f"Layer {layer.key}: {type(experts).__name__} stores experts with has_gate={experts.has_gate}, "
-            f"is_concatenated={experts.is_concatenated}, has_bias={experts.has_bias}; the official format maps only "
-            "concatenated gate_up_proj experts without biases (gate rows first, then up rows)."
-        )
-
-
-def _expert_tensors(peft_model: PeftModel, layer: MoELayer, expert: int, adapter: str) -> tuple[dict, dict, nn.Module]:
-    """(base views, delta views, base experts container) of one selected expert, both in official orientation."""
-    if layer.kind == MODULE_LIST:
-        prefix = layer.expert_modules[expert]
-        base, delta = {}, {}
-        for projection in PROJECTIONS:
-            wrapped = peft_model.base_model.model.get_submodule(f"{prefix}.{projection}")
-            base[projection] = unwrap(wrapped).weight
-            delta[projection] = wrapped.esft_delta[adapter]["weight"]
-        container = unwrap(peft_model.base_model.model.get_submodule(layer.experts_name))
-        return base, delta, container
-    wrapped = peft_model.base_model.model.get_submodule(layer.experts_name)
-    container = unwrap(wrapped)
+def _expert_rows(model: nn.Module, layer: MoELayer, expert: int, adapter: Optional[str] = None) -> dict:
+    """One expert's tensors keyed like its layout's parameters: the base weights, or ``adapter``'s delta rows."""
+    if layer.expert_modules:
+        rows = {}
+        for child, module in model.get_submodule(layer.expert_modules[expert]).named_children():
+            if hasattr(unwrap(module), "weight"):
+                rows[child] = module.esft_delta[adapter]["weight"] if adapter else unwrap(module).weight
+        return rows
+    wrapped = model.get_submodule(layer.experts_name)
+    if adapter is None:
+        return {name: view[expert] for name, view in layer.layout.expert_views(unwrap(wrapped)).items()}
     row = wrapped.esft_expert_ids[adapter].index(expert)
-    base_rows = {name: getattr(container, name)[expert] for name in wrapped.esft_delta[adapter]}
-    delta_rows = {name: tensor[row] for name, tensor in wrapped.esft_delta[adapter].items()}
-    return _projection_views(base_rows, layer, container), _projection_views(delta_rows, layer, container), container
+    return {name: tensor[row] for name, tensor in wrapped.esft_delta[adapter].items()}
+
+
+def _projections(model: nn.Module, layer: MoELayer, expert: int, adapter: Optional[str] = None) -> dict:
+    """One expert's gate/up/down base weights (or delta rows) in official orientation, as views."""
+    experts = unwrap(model.get_submodule(layer.experts_name))
+    return layer.layout.official_projections(layer, experts, _expert_rows(model, layer, expert, adapter))
 
 
 def _check_official_config(config: ESFTConfig) -> None:
@@ -121,9 +81,9 @@ def _check_official_config(config: ESFTConfig) -> None:
 def read_official_adapter(directory: PathLike) -> tuple[dict, dict[tuple[str, int, str], torch.Tensor]]:
     """Read an official adapter: (expert config dict, {(layer, expert, projection): weight})."""
     directory = Path(directory)
-    config_path = directory / OFFICIAL_CONFIG_NAME
+    config_path = directory / EXPERT_CONFIG_NAME
     if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} is not an official ESFT adapter: {OFFICIAL_CONFIG_NAME} is missing.")
+        raise FileNotFoundError(f"{directory} is not an official ESFT adapter: {EXPERT_CONFIG_NAME} is missing.")
     expert_config = json.loads(config_path.read_text(encoding="utf-8"))
     files = sorted(directory.glob("*.safetensors"))
     if not files:
@@ -153,20 +113,22 @@ def load_official_adapter(
     config = ESFTConfig.from_expert_config(expert_config, **config_kwargs)
     _check_official_config(config)
     layers = find_moe_layers(base_model)
-    for key in config.experts:
+    for key, ids in config.experts.items():
         if key in layers:
-            check_layout(layers[key], unwrap(base_model.get_submodule(layers[key].experts_name)))
+            _projections(base_model, layers[key], min(layers[key].expert_modules, default=0))  # refuses other layouts
     expected = {(layer, e, p) for layer, ids in config.experts.items() for e in ids for p in PROJECTIONS}
     missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or extra:
         problem = f"missing {missing[:3]}" if missing else f"unselected experts {extra[:3]}"
-        raise ValueError(f"{directory}: the weights do not match {OFFICIAL_CONFIG_NAME} ({problem}, ...).")
+        raise ValueError(f"{directory}: the weights do not match {EXPERT_CONFIG_NAME} ({problem}, ...).")
     peft_model = get_peft_model(base_model, config, adapter_name=adapter_name)
     inexact = 0
     with torch.no_grad():
         for layer_key, ids in config.experts.items():
             for expert in ids:
-                base, delta, _ = _expert_tensors(peft_model, layers[layer_key], expert, adapter_name)
+                model = peft_model.base_model.model
+                base = _projections(model, layers[layer_key], expert)
+                delta = _projections(model, layers[layer_key], expert, adapter_name)
                 for projection in PROJECTIONS:
                     official = weights[(layer_key, expert, projection)]
                     if official.shape != base[projection].shape:
@@ -176,7 +138,7 @@ def load_official_adapter(
                         )
                     value = official.to(delta[projection].dtype) - base[projection].to(delta[projection].dtype)
                     delta[projection].copy_(value)
-                    rebuilt = (base[projection].to(delta[projection].dtype) + delta[projection]).to(official.dtype)
+                    rebuilt = with_delta(base[projection], delta[projection]).to(official.dtype)
                     inexact += int((rebuilt != official).sum())
     if inexact:
         logger.warning("%d official weight values are not reproduced bit-exactly by base + delta.", inexact)
@@ -196,10 +158,12 @@ def official_state_dict(peft_model: PeftModel, adapter_name: str = "default") ->
     with torch.no_grad():
         for layer_key, ids in config.experts.items():
             for expert in ids:
-                base, delta, _ = _expert_tensors(peft_model, layers[layer_key], expert, adapter_name)
+                model = peft_model.base_model.model
+                base = _projections(model, layers[layer_key], expert)
+                delta = _projections(model, layers[layer_key], expert, adapter_name)
                 for projection in PROJECTIONS:
-                    full = base[projection].to(delta[projection].dtype) + delta[projection]
-                    state[official_key(layer_key, expert, projection)] = full.to(base[projection].dtype).contiguous()
+                    full = with_delta(base[projection], delta[projection])
+                    state[official_key(layer_key, expert, projection)] = full.contiguous()
     return state
 
 
@@ -210,7 +174,7 @@ def save_official_adapter(peft_model: PeftModel, out_dir: PathLike, adapter_name
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / OFFICIAL_WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / OFFICIAL_CONFIG_NAME).write_text(json.dumps(expert_config, indent=1), encoding="utf-8")
+        (tmp / EXPERT_CONFIG_NAME).write_text(json.dumps(expert_config, indent=1), encoding="utf-8")
 
     return atomic_directory_write(out_dir, write)
 

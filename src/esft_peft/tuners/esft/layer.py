@@ -1,4 +1,9 @@
-"""Tuner layers: trainable additive deltas for selected experts, and for whole modules."""
+"""Tuner layers: trainable additive deltas for selected experts, and for whole modules.
+
+Both compute with ``W + delta`` formed by :func:`~esft_peft.moe.layouts.base.with_delta` (summed in the delta's
+dtype, rounded once to the weight's), which is also how merging writes the weights: a merged model computes with
+exactly the weights the adapter model used.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,12 @@ import logging
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .expert_layouts import ExpertsLayout, layout_for
-from .partitioned import logical_shape
+from ...moe.layouts import ExpertsLayout
+from ...moe.layouts.base import with_delta
+from ...moe.partitioned import logical_shape
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +47,7 @@ def _call_with_deltas(module: nn.Module, deltas: dict[str, torch.Tensor], args: 
 
     def shadow_weights(mod: nn.Module, _args: tuple) -> None:
         params = dict(mod.named_parameters(recurse=False))
-        vars(mod).update(
-            {name: (params[name].to(delta.dtype) + delta).to(params[name].dtype) for name, delta in deltas.items()}
-        )
+        vars(mod).update({name: with_delta(params[name], delta) for name, delta in deltas.items()})
 
     handle = module.register_forward_pre_hook(shadow_weights)
     try:
@@ -59,10 +62,13 @@ def _scaled(weight: float, tensor: torch.Tensor) -> torch.Tensor:
     return tensor if weight == 1.0 else weight * tensor
 
 
+DELTA_CONTAINER = "esft_delta"  # the adapter parameters' container: every ESFT state-dict key holds ".esft_delta."
+
+
 class ESFTLayer(BaseTunerLayer):
     """Common state of ESFT tuner layers: ``esft_delta[adapter]`` holds the trainable deltas."""
 
-    adapter_layer_names = ("esft_delta",)
+    adapter_layer_names = (DELTA_CONTAINER,)
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
@@ -79,26 +85,30 @@ class ESFTLayer(BaseTunerLayer):
         if adapter_name in self.esft_delta:
             self.esft_delta[adapter_name] = self.esft_delta[adapter_name].to(target)
 
-    def _active_names(self) -> list[str]:
-        return [name for name in self.active_adapters if name in self.esft_delta]
-
+    def _adapters_to_apply(self) -> list[str]:
+        """The active adapters whose deltas this forward applies: none when adapters are disabled (a merged one is
+        unmerged first) or merged."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return []
+        return [] if self.merged else [name for name in self.active_adapters if name in self.esft_delta]
 
 
 class ExpertsDeltaLayer(nn.Module, ESFTLayer):
     """Wraps an experts container; holds one zero-initialised delta row per *selected* expert.
 
     ``esft_delta[adapter][param]`` has shape ``(len(ids), *per_expert_shape)``; row ``j`` belongs to expert
-    ``esft_expert_ids[adapter][j]``. The base experts run unchanged (any experts implementation); the layout
-    adds the selected experts' delta contributions, so cost and memory follow the selection.
+    ``esft_expert_ids[adapter][j]``. The layout's route-split forward computes the pairs routed to selected experts
+    once with ``W[e] + delta[e]`` and every other pair with the frozen ``W``, so cost and memory follow the selection.
     """
 
     other_param_names = ("esft_expert_ids",)
 
-    def __init__(self, base_layer: nn.Module, kind: str, adapter_name: str, expert_ids: list[int]) -> None:
+    def __init__(self, base_layer: nn.Module, layout: ExpertsLayout, adapter_name: str, expert_ids: list[int]) -> None:
         super().__init__()
         ESFTLayer.__init__(self, base_layer)
-        self.kind = kind
-        self.layout: ExpertsLayout = layout_for(kind, base_layer)
+        self.layout = layout
         self.esft_expert_ids: dict[str, list[int]] = {}
         self.update_layer(adapter_name, expert_ids)
 
@@ -141,21 +151,18 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         return ids, combined
 
     def forward(self, *args: Any, **kwargs: Any):
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
+        active = self._adapters_to_apply()
+        if not active:
             return self.base_layer(*args, **kwargs)
-        out = self.base_layer(*args, **kwargs)
-        active = self._active_names()
-        if self.merged or not active:
-            return out
         ids, deltas = self.combined_deltas(active)
-        out = self.layout.correct(self.get_base_layer(), out, ids, deltas, args, kwargs)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in deltas.values()):
-            # Experts that received no token this step still join the graph (with zero gradient), so that DDP
-            # and FSDP never see unused parameters. Adding 0 leaves the output unchanged.
-            out = out + sum(t.sum() for t in deltas.values()).to(out.dtype) * 0
-        return out
+        base, layout = self.get_base_layer(), self.layout
+        # The base module is called (so hooks that manage its weights, e.g. DeepSpeed ZeRO-3's gather, run) with
+        # the layout's route-split forward in place of its own.
+        vars(base)["forward"] = lambda *a, **kw: layout.forward(base, ids, deltas, a, kw)
+        try:
+            return base(*args, **kwargs)
+        finally:
+            vars(base).pop("forward", None)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
@@ -169,7 +176,7 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
                 for name, view in views.items():
                     delta = self.esft_delta[adapter][name]
                     backup[name] = view[index].clone()
-                    merged[name] = (backup[name].to(delta.dtype) + delta).to(view.dtype)
+                    merged[name] = with_delta(backup[name], delta)
                     if safe_merge and not torch.isfinite(merged[name]).all():
                         raise ValueError(f"NaNs/Infs detected when merging adapter {adapter!r}; nothing was merged.")
                 for name, view in views.items():
@@ -196,15 +203,15 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
 
     def __repr__(self) -> str:
         selected = {name: ids for name, ids in self.esft_expert_ids.items()}
-        return f"esft.{type(self).__name__}(kind={self.kind}, experts={selected})\n  ({self.get_base_layer()!r})"
+        return f"esft.{type(self).__name__}(kind={self.layout.kind}, experts={selected})\n  ({self.get_base_layer()!r})"
 
 
 class ModuleDeltaLayer(nn.Module, ESFTLayer):
     """Wraps a module that owns parameters (a Linear of a ModuleList expert, a shared expert's projection, a norm,
     a router, ...); holds one zero-initialised delta per direct parameter.
 
-    Linear layers add ``F.linear(x, delta_w, delta_b)`` to the base output; other modules run with
-    ``weight + delta`` in place of their weights. A zero delta reproduces the base exactly.
+    The module runs with ``weight + delta`` in place of its weights (a Linear computes ``F.linear(x, W + delta)``;
+    routers that subclass Linear but return tuples run their own forward). A zero delta reproduces the base exactly.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
@@ -235,20 +242,10 @@ class ModuleDeltaLayer(nn.Module, ESFTLayer):
         return total
 
     def forward(self, *args: Any, **kwargs: Any):
-        base = self.get_base_layer()
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
+        active = self._adapters_to_apply()
+        if not active:
             return self.base_layer(*args, **kwargs)
-        active = self._active_names()
-        if self.merged or not active:
-            return self.base_layer(*args, **kwargs)
-        deltas = self.combined_deltas(active)
-        if isinstance(base, nn.Linear):
-            x = args[0] if args else kwargs["input"]
-            bias = deltas["bias"].to(x.dtype) if "bias" in deltas else None
-            return self.base_layer(*args, **kwargs) + F.linear(x, deltas["weight"].to(x.dtype), bias)
-        return _call_with_deltas(base, deltas, args, kwargs)
+        return _call_with_deltas(self.get_base_layer(), self.combined_deltas(active), args, kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
@@ -258,10 +255,7 @@ class ModuleDeltaLayer(nn.Module, ESFTLayer):
                 if adapter not in self.esft_delta:
                     continue
                 backup = {name: params[name].detach().clone() for name in self.esft_delta[adapter]}
-                merged = {
-                    name: (backup[name].to(delta.dtype) + delta).to(backup[name].dtype)
-                    for name, delta in self.esft_delta[adapter].items()
-                }
+                merged = {name: with_delta(backup[name], delta) for name, delta in self.esft_delta[adapter].items()}
                 if safe_merge and not all(torch.isfinite(t).all() for t in merged.values()):
                     raise ValueError(f"NaNs/Infs detected when merging adapter {adapter!r}; nothing was merged.")
                 for name, value in merged.items():

@@ -11,21 +11,18 @@ Every rule returns ``{layer: [expert ids in descending relevance]}``, ready for 
 from __future__ import annotations
 
 import random
-import re
 from typing import Mapping
 
+from ..defaults import PAPER_TOP_P
+from ..moe.layer_keys import layer_sort_key
+
 Scores = Mapping[str, list[float]]
-SCORE_FUNCTIONS = ("token", "gate")
-
-
-def layer_sort_key(key: str) -> tuple:
-    """Sort layer keys numerically: "2" before "10"; "encoder.N" after decoder layers."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"\.", key))
 
 
 def check_top_p(top_p: float) -> None:
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r} (paper: 0.2 for token scores, 0.1 for gate scores).")
+        paper = ", ".join(f"{p} for {name} scores" for name, p in PAPER_TOP_P.items())
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r} (paper: {paper}).")
 
 
 def ranked(scores: list[float]) -> list[int]:

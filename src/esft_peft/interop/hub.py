@@ -15,7 +15,9 @@ from typing import Optional, Union
 
 from peft import PeftModel
 
-from .config import ESFTConfig
+from ..tuners.esft.config import ESFTConfig
+from ..tuners.esft.layer import DELTA_CONTAINER
+from .files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +28,10 @@ CARD_TAGS = ("esft", "moe", "peft", "mixture-of-experts")
 def adapter_statistics(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, float]:
     """Parameter counts of ``adapter_name``: adapter parameters, base parameters and the trainable fraction
     (whole counts also while DeepSpeed ZeRO-3 holds only a partition of each parameter)."""
-    marker = f".esft_delta.{adapter_name}."
+    marker = f".{DELTA_CONTAINER}.{adapter_name}."
     numel = lambda param: getattr(param, "ds_numel", param.numel())  # noqa: E731
     adapter = sum(numel(p) for n, p in peft_model.named_parameters() if marker in n)
-    base = sum(numel(p) for n, p in peft_model.named_parameters() if ".esft_delta." not in n)
+    base = sum(numel(p) for n, p in peft_model.named_parameters() if f".{DELTA_CONTAINER}." not in n)
     return {"adapter_parameters": adapter, "base_parameters": base, "trainable_fraction": adapter / base if base else 0.0}
 
 
@@ -107,8 +109,6 @@ def write_model_card(
     adapter_name: str = "default", description: Optional[str] = None,
 ) -> Path:
     """Write the adapter's model card to ``directory/README.md`` (atomically); returns its path."""
-    from .adapter_files import atomic_write_text
-
     path = Path(directory) / CARD_NAME
     atomic_write_text(path, model_card_text(peft_model, repo_id, adapter_name, description))
     return path

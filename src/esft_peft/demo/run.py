@@ -21,11 +21,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..defaults import EXPERT_CONFIG_NAME
 from . import synthetic_tasks as st
 
 logger = logging.getLogger(__name__)
 
-CONFIG_RESOURCE = "demo_config.json"
+CONFIG_RESOURCE = "config.json"
 
 
 @dataclass
@@ -50,7 +51,7 @@ class DemoSettings:
 
 def load_settings(size: str = "full", **overrides: Any) -> DemoSettings:
     """Settings of the packaged demo for ``size``; keyword overrides replace single fields."""
-    raw = json.loads(resources.files("esft_peft").joinpath(CONFIG_RESOURCE).read_text(encoding="utf-8"))
+    raw = json.loads(resources.files("esft_peft.demo").joinpath(CONFIG_RESOURCE).read_text(encoding="utf-8"))
     if size not in raw["sizes"]:
         raise ValueError(f"Unknown demo size {size!r}; choose one of {sorted(raw['sizes'])}.")
     sized = dict(raw["sizes"][size])
@@ -129,7 +130,7 @@ def pretrain_base(settings: DemoSettings, seed: int = 0, progress: bool = True) 
 
 def score_task(model: nn.Module, tokenizer, settings: DemoSettings, seed: int = 0, progress: bool = False):
     """Expert relevance scores of the target task, counted on answer tokens (prompt tokens are masked)."""
-    from .scoring import score_experts
+    from ..scoring.score import score_experts
 
     batch = st.encode_examples(tokenizer, settings.target_task, settings.score_examples, seed=seed + 500,
                                length=settings.sequence_digits)
@@ -159,9 +160,10 @@ def _run_demo(out_dir: str | Path, size: str, seed: int, progress: bool, **overr
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from .config import ESFTConfig
-    from .hub import adapter_statistics, write_model_card
-    from .adapter_files import atomic_directory_write
+    from ..interop.files import atomic_directory_write, atomic_write_text
+    from ..interop.hub import adapter_statistics, write_model_card
+    from ..scoring.plotting import plot_scores
+    from ..tuners.esft.config import ESFTConfig
 
     started = time.perf_counter()
     out = Path(out_dir)
@@ -185,10 +187,10 @@ def _run_demo(out_dir: str | Path, size: str, seed: int, progress: bool, **overr
 
     scores = score_task(model, tokenizer, settings, seed, progress)
     scores.save(out / "scores.json")
-    scores.plot(out / "heatmap.png")
     experts = scores.select(score_function="token", top_p=settings.top_p)
+    plot_scores(scores, path=out / "heatmap.png", selection=experts)
     config = ESFTConfig(experts=experts)
-    config.save_expert_config(out / "expert_config.json")
+    config.save_expert_config(out / EXPERT_CONFIG_NAME)
 
     peft_model = get_peft_model(model, config)
     stats = adapter_statistics(peft_model)
@@ -229,8 +231,6 @@ def _run_demo(out_dir: str | Path, size: str, seed: int, progress: bool, **overr
         "base_bytes": _size_bytes(out / "base"),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    from .adapter_files import atomic_write_text
-
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     return results
 
@@ -260,6 +260,6 @@ def main(out_dir: str, size: str = "full", seed: int = 1, progress: bool = True)
     """Run the demo and print its table (used by ``esft-peft demo``)."""
     results = run_demo(out_dir, size=size, seed=seed, progress=progress)
     print(format_table(results))
-    print(f"artifacts in {out_dir}: base/, adapter/, merged/, scores.json, heatmap.png, expert_config.json")
+    print(f"artifacts in {out_dir}: base/, adapter/, merged/, scores.json, heatmap.png, {EXPERT_CONFIG_NAME}")
     return results
 

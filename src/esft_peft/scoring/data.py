@@ -1,4 +1,4 @@
-"""Turn the data given to :func:`esft_peft.scoring.score_experts` into padded token batches.
+"""Turn the data given to :func:`esft_peft.scoring.score.score_experts` into padded token batches.
 
 Accepted inputs:
 

@@ -3,36 +3,22 @@
 from __future__ import annotations
 
 import json
+import operator
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from .registration import PEFT_TYPE_NAME
+from ...moe.layer_keys import normalize_layer_key, sorted_layer_keys
 
-LAYER_KEY_PATTERN = re.compile(r"^(?:encoder\.)?\d+$")
+PEFT_TYPE_NAME = "ESFT"
 ExpertMap = dict[Union[int, str], list[int]]
 
 
-def normalize_layer_key(key: Union[int, str]) -> str:
-    """``1``, ``"1"`` -> ``"1"``; ``"encoder.3"`` stays (encoder layers of encoder-decoder MoEs)."""
-    if isinstance(key, bool) or not isinstance(key, (int, str)):
-        raise ValueError(f"ESFT layer keys must be decoder-layer indices (int or str), got {key!r}.")
-    text = str(key).strip()
-    if not LAYER_KEY_PATTERN.match(text):
-        raise ValueError(
-            f"ESFT layer key {key!r} is not a layer index. Use the decoder-layer index (e.g. 1 or '1'), "
-            "or 'encoder.N' for encoder layers of encoder-decoder models."
-        )
-    prefix, _, number = text.rpartition(".")
-    return f"{prefix}.{int(number)}" if prefix else str(int(number))
-
-
 def normalize_experts(experts: ExpertMap) -> dict[str, list[int]]:
-    """Validate the per-layer expert lists (order kept) and make the keys JSON-friendly strings."""
+    """Validate the per-layer expert lists (order kept) and make the keys JSON-friendly strings, in model order."""
     if not isinstance(experts, dict):
         raise ValueError(f"`experts` must map layer index -> list of expert ids, got {type(experts).__name__}.")
     normalized: dict[str, list[int]] = {}
@@ -45,19 +31,15 @@ def normalize_experts(experts: ExpertMap) -> dict[str, list[int]]:
         ids = list(ids)
         if not ids:
             raise ValueError(f"Layer {layer}: empty expert selection. Remove the layer or select at least one expert.")
-        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+        bad = [i for i in ids if isinstance(i, bool) or not hasattr(i, "__index__") or operator.index(i) < 0]
         if bad:
-            raise ValueError(f"Layer {layer}: invalid expert ids {bad}; ids must be non-negative ints.")
+            raise ValueError(f"Layer {layer}: invalid expert ids {bad}; ids must be non-negative integers.")
+        ids = [operator.index(i) for i in ids]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"Layer {layer}: duplicate expert ids {duplicates}.")
-        normalized[layer] = [int(i) for i in ids]
-    return dict(sorted(normalized.items(), key=lambda item: _layer_sort_key(item[0])))
-
-
-def _layer_sort_key(layer: str) -> tuple[int, int]:
-    prefix, _, number = layer.rpartition(".")
-    return (0 if prefix else 1, int(number))
+        normalized[layer] = ids
+    return {layer: normalized[layer] for layer in sorted_layer_keys(normalized)}
 
 
 @dataclass
@@ -148,14 +130,14 @@ class ESFTConfig(PeftConfig):
 
     def save_expert_config(self, path: Union[str, os.PathLike]) -> None:
         """Write :meth:`to_expert_config` as JSON (atomically)."""
-        from .adapter_files import atomic_write_text
+        from ...interop.files import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_expert_config(), indent=2))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
         """Load ``adapter_config.json`` and check that the adapter weights are a sound safetensors file."""
-        from .adapter_files import check_adapter_weights
+        from ...interop.files import check_adapter_weights
 
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         hub_kwargs, _, _ = cls._split_kwargs(kwargs)

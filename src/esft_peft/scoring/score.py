@@ -1,12 +1,12 @@
 """Expert relevance scoring (ESFT step 1): run the frozen model on task data and record its routing.
 
-``score_experts`` returns :class:`~esft_peft.expert_scores.ExpertScores` with, per MoE layer and routed expert,
+``score_experts`` returns :class:`~esft_peft.scoring.scores.ExpertScores` with, per MoE layer and routed expert,
 
 - the token selection ratio  R(l, i) = mean over tokens of 1[i in topK(t)] / K   (ESFT-Token), and
 - the average gate score     G(l, i) = mean over tokens of g(i, t)               (ESFT-Gate),
 
 where the routing (indices and weights) is exactly what the experts receive, read by hooks
-(:mod:`esft_peft.routing_recorder`). ``average="tokens"`` pools all counted tokens (the official code, and the
+(:mod:`esft_peft.scoring.recorder`). ``average="tokens"`` pools all counted tokens (the official code, and the
 default: every token weighs the same however the data is split into sequences); ``average="sequences"`` takes the
 mean over each sequence first, then over sequences (the paper's formula).
 """
@@ -25,26 +25,16 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .expert_scores import AVERAGES, ExpertScores, IncompatibleScoresError
-from .moe_structure import find_moe_layers
-from .routing_recorder import BatchMask, LayerTotals, RoutingReadError, RoutingRecorder
-from .scoring_data import IGNORE_INDEX, BatchStream, EmptyDataError, sequence_digest
-from .task_comparison import TaskComparison, compare_tasks
+from ..defaults import PAPER_SEQUENCE_LENGTH, PAPER_TOKEN_BUDGET
+from ..moe.discovery import find_moe_layers
+from ..moe.errors import RoutingReadError
+from .data import IGNORE_INDEX, BatchStream, EmptyDataError, sequence_digest
+from .recorder import BatchMask, LayerTotals, RoutingRecorder
+from .scores import AVERAGES, ExpertScores
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "AllTokensMaskedError",
-    "EmptyDataError",
-    "ExpertScores",
-    "IncompatibleScoresError",
-    "RoutingReadError",
-    "TaskComparison",
-    "compare_tasks",
-    "score_experts",
-]
-
-PAPER_SEQUENCE_LENGTH = 4096
+__all__ = ["AllTokensMaskedError", "score_experts"]
 
 
 class AllTokensMaskedError(ValueError):
@@ -56,7 +46,7 @@ def score_experts(
     data: Any,
     *,
     tokenizer: Any = None,
-    token_budget: Optional[int] = 131072,
+    token_budget: Optional[int] = PAPER_TOKEN_BUDGET,
     batch_size: int = 8,
     max_length: Optional[int] = None,
     seed: int = 0,
@@ -71,7 +61,7 @@ def score_experts(
     Args:
         model: a transformers MoE model (or a peft model around one); left in the state it was found in.
         data: a ``datasets.Dataset``, a list/iterable of texts, conversations or tokenized examples, or a
-            ``DataLoader``/iterable of tokenized batches (see :mod:`esft_peft.scoring_data`).
+            ``DataLoader``/iterable of tokenized batches (see :mod:`esft_peft.scoring.data`).
         tokenizer: needed for texts and conversations (its chat template is applied to conversations).
         token_budget: stop after this many counted tokens (paper: 32 x 4096 = 131072); ``None`` scores all data.
             Under torch.distributed the budget is split evenly across ranks.

@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from torch import nn
 
+from ...moe.discovery import MoELayer, find_moe_layers, named_base_modules, parameter_modules
+from ...moe.layouts import ExpertsLayout
+from ...moe.layouts.base import unwrap
 from .config import ESFTConfig
-from .moe_structure import (
-    MODULE_LIST,
-    MoELayer,
-    base_named_parameters,
-    find_moe_layers,
-    named_base_modules,
-    parameter_modules,
-)
-from .partitioned import logical_shape
-
-MODULE = "module"  # a whole module trained through a ModuleDeltaLayer
 
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # MODULE or an experts layout kind
+    """How to wrap one module: with an experts-delta layer of ``layout`` for ``expert_ids``, or (no layout) with a
+    module-delta layer."""
+
+    layout: Optional[ExpertsLayout] = None
     expert_ids: tuple[int, ...] = field(default=())
 
 
@@ -46,26 +42,16 @@ def validate_selection(experts: dict[str, list[int]], layers: dict[str, MoELayer
 
 
 def base_layout(model: nn.Module, layers: dict[str, MoELayer], keys: list[str]) -> dict[str, dict]:
-    """Expert count and per-expert parameter shapes of the listed layers (the adapter's compatibility record)."""
-    from .expert_layouts import layout_for
-
-    modules = dict(named_base_modules(model))
-    record = {}
-    for key in keys:
-        layer = layers[key]
-        if layer.kind == MODULE_LIST:
-            first = modules[layer.expert_modules[min(layer.expert_modules)]]
-            shapes = {name: list(logical_shape(p)) for name, p in base_named_parameters(first)}
-        else:
-            shapes = {}
-            for target in layer.expert_targets:
-                views = layout_for(layer.kind, modules[target]).expert_views(modules[target])
-                suffix = target.removeprefix(layer.experts_name).lstrip(".")
-                shapes.update(
-                    {f"{suffix}.{n}" if suffix else n: list(logical_shape(v)[1:]) for n, v in views.items()}
-                )
-        record[key] = {"kind": layer.kind, "num_experts": layer.num_experts, "expert_shapes": shapes}
-    return record
+    """Layout kind, expert count and per-expert parameter shapes of the listed layers (the adapter's compatibility
+    record)."""
+    return {
+        key: {
+            "kind": layers[key].kind,
+            "num_experts": layers[key].num_experts,
+            "expert_shapes": layers[key].layout.expert_shapes(model, layers[key].experts_name),
+        }
+        for key in keys
+    }
 
 
 def check_base_compatibility(config: ESFTConfig, model: nn.Module, layers: dict[str, MoELayer]) -> None:
@@ -91,12 +77,12 @@ def check_base_compatibility(config: ESFTConfig, model: nn.Module, layers: dict[
 
 
 def _dense_targets(model: nn.Module, roots: list[str]) -> dict[str, Target]:
-    return {name: Target(MODULE) for root in roots for name in parameter_modules(model, root)}
+    return {name: Target() for root in roots for name in parameter_modules(model, root)}
 
 
 def _non_expert_targets(model: nn.Module, config: ESFTConfig, layers: dict[str, MoELayer]) -> dict[str, Target]:
-    excluded = [l.experts_name for l in layers.values()] + [n for l in layers.values() for n in l.shared_names]
-    excluded += [n for l in layers.values() for n in l.router_names]
+    excluded = [layer.experts_name for layer in layers.values()]
+    excluded += [name for layer in layers.values() for name in layer.shared_names + layer.router_names]
     is_excluded = lambda name: any(name == p or name.startswith(p + ".") for p in excluded)  # noqa: E731
     owners = [name for name in parameter_modules(model, "") if name and not is_excluded(name)]
     if config.train_non_expert_modules is True:
@@ -111,7 +97,7 @@ def _non_expert_targets(model: nn.Module, config: ESFTConfig, layers: dict[str, 
                 f"train_non_expert_modules={suffixes} matched no non-expert module with parameters. "
                 "Give module-name suffixes such as 'self_attn.q_proj' or 'input_layernorm'."
             )
-    return {name: Target(MODULE) for name in chosen}
+    return {name: Target() for name in chosen}
 
 
 def plan_targets(model: nn.Module, config: ESFTConfig) -> dict[str, Target]:
@@ -122,10 +108,11 @@ def plan_targets(model: nn.Module, config: ESFTConfig) -> dict[str, Target]:
     plan: dict[str, Target] = {}
     for key, ids in config.experts.items():
         layer = layers[key]
-        if layer.kind == MODULE_LIST:
+        if layer.expert_modules:
             plan.update(_dense_targets(model, [layer.expert_modules[e] for e in ids]))
-        else:
-            plan.update({name: Target(layer.kind, tuple(ids)) for name in layer.expert_targets})
+        for name in layer.delta_targets:
+            layer.layout.check_wrappable(unwrap(model.get_submodule(name)))
+            plan[name] = Target(layer.layout, tuple(ids))
         if config.train_shared_experts:
             if not layer.shared_names:
                 raise ValueError(

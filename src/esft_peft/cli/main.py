@@ -21,8 +21,8 @@ DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "p
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXAMPLES = """examples:
   esft-peft score --model deepseek-ai/ESFT-vanilla-lite --data train.jsonl --out scores.json --heatmap scores.png
-  esft-peft select --scores scores.json --score-function token --top-p 0.2 --out expert_config.json
-  esft-peft train --model deepseek-ai/ESFT-vanilla-lite --data train.jsonl --expert-config expert_config.json --out adapter
+  esft-peft select --scores scores.json --score-function token --top-p 0.2 --out expert_cfg.json
+  esft-peft train --model deepseek-ai/ESFT-vanilla-lite --data train.jsonl --expert-config expert_cfg.json --out adapter
   esft-peft merge --base deepseek-ai/ESFT-vanilla-lite --adapter adapter --out merged
   esft-peft push --adapter adapter --repo my-org/my-esft-adapter
   esft-peft convert --from-official official_dir --base deepseek-ai/ESFT-vanilla-lite --out adapter
@@ -148,7 +148,8 @@ def training_dataset(dataset, tokenizer, args: argparse.Namespace):
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from .scoring import score_experts
+    from ..scoring.plotting import plot_scores
+    from ..scoring.score import score_experts
 
     tokenizer = load_tokenizer(args.model, args.chat_template)
     dataset = load_records(args.data, args.split, args.limit)
@@ -167,13 +168,13 @@ def cmd_score(args: argparse.Namespace) -> None:
     scores.save(args.out)
     print(f"expert scores of {len(dataset)} examples -> {args.out}")
     if args.heatmap:
-        scores.plot(args.heatmap)
+        plot_scores(scores, path=args.heatmap, selection=scores.select("token"))
         print(f"heatmap -> {args.heatmap}")
 
 
 def cmd_select(args: argparse.Namespace) -> None:
-    from .config import ESFTConfig
-    from .scoring import ExpertScores
+    from ..scoring.scores import ExpertScores
+    from ..tuners.esft.config import ESFTConfig
 
     if not Path(args.scores).is_file():
         raise CLIError(f"scores file not found: {args.scores}")
@@ -190,10 +191,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer
 
-    from .config import ESFTConfig
-    from .adapter_files import atomic_directory_write
-    from .hub import adapter_statistics, write_model_card
-    from .training import esft_training_arguments, gather_adapter_state_dict
+    from ..defaults import EXPERT_CONFIG_NAME
+    from ..interop.files import atomic_directory_write
+    from ..interop.hub import adapter_statistics, write_model_card
+    from ..training.helpers import esft_training_arguments, gather_adapter_state_dict
+    from ..tuners.esft.config import ESFTConfig
 
     if not Path(args.expert_config).is_file():
         raise CLIError(f"expert config not found: {args.expert_config}")
@@ -225,7 +227,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=adapter_state)
         tokenizer.save_pretrained(tmp)
-        config.save_expert_config(tmp / "expert_config.json")
+        config.save_expert_config(tmp / EXPERT_CONFIG_NAME)
         trainer.state.save_to_json(str(tmp / "trainer_state.json"))
         write_model_card(model, tmp)
 
@@ -238,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from peft import PeftModel
 
-    from .adapter_files import atomic_directory_write
+    from ..interop.files import atomic_directory_write
 
     _check_model_source(args.adapter)
     base = load_model(args.base, args.dtype)
@@ -277,7 +279,7 @@ def _adapter_base(adapter: str, base: Optional[str]) -> str:
 def cmd_push(args: argparse.Namespace) -> None:
     from peft import PeftModel
 
-    from .hub import push_adapter
+    from ..interop.hub import push_adapter
 
     base = load_model(_adapter_base(args.adapter, args.base), args.dtype)
     model = PeftModel.from_pretrained(base, args.adapter)
@@ -287,7 +289,7 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .official_format import convert_from_official, convert_to_official
+    from ..interop.official import convert_from_official, convert_to_official
 
     source = args.from_official or args.to_official
     if not Path(source).is_dir() and args.from_official:
@@ -303,7 +305,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import main as demo_main
+    from ..demo.run import main as demo_main
 
     demo_main(args.out, size="quick" if args.quick else "full", seed=args.seed)
 
@@ -354,7 +356,7 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``esft-peft`` argument parser with all subcommands."""
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="esft-peft", description="Expert-Specialized Fine-Tuning (ESFT) for MoE models, as a peft method.",

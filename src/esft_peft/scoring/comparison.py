@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional
 
+from ..defaults import PAPER_TOP_P
 from . import selection as rules
-from .expert_scores import ExpertScores, IncompatibleScoresError
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-PathLike = Union[str, os.PathLike]
+from .scores import ExpertScores, IncompatibleScoresError
 
 
 @dataclass
 class TaskComparison:
-    """Numbers comparing two tasks' expert scores (and an optional figure).
+    """Numbers comparing two tasks' expert scores (draw them with :func:`esft_peft.scoring.plotting.plot_comparison`).
 
     Attributes:
         labels: names of the two tasks.
@@ -36,7 +31,6 @@ class TaskComparison:
     overlap: dict[str, dict[str, float]]
     concentration: dict[str, dict[str, dict[str, float]]]
     mean_jaccard: float
-    figure: Optional["Figure"] = None
 
 
 def concentration(scores: ExpertScores, score_function: str, top_p: float) -> dict[str, dict[str, float]]:
@@ -63,21 +57,20 @@ def compare_tasks(
     *,
     labels: tuple[str, str] = ("a", "b"),
     score_function: str = "token",
-    top_p: float = 0.2,
-    plot: bool = False,
-    path: Optional[PathLike] = None,
+    top_p: Optional[float] = None,
 ) -> TaskComparison:
-    """Compare two tasks scored on the same model; ``plot=True`` or a ``path`` also draws the figure."""
+    """Compare two tasks scored on the same model (``top_p`` defaults to the paper's p for ``score_function``)."""
     if a.num_experts != b.num_experts:
         raise IncompatibleScoresError(
             f"The two scores cover different MoE layers or expert counts ({a.num_experts} vs {b.num_experts}); "
             "compare tasks scored on the same model."
         )
+    top_p = PAPER_TOP_P[score_function] if top_p is None else top_p
     if labels[0] == labels[1]:
         raise ValueError(f"The two tasks need different labels, got {labels}.")
     selections = {labels[0]: a.select(score_function, top_p), labels[1]: b.select(score_function, top_p)}
     overlap = rules.overlap(*selections.values())
-    comparison = TaskComparison(
+    return TaskComparison(
         labels=labels,
         score_function=score_function,
         top_p=top_p,
@@ -87,8 +80,3 @@ def compare_tasks(
                        labels[1]: concentration(b, score_function, top_p)},
         mean_jaccard=sum(entry["jaccard"] for entry in overlap.values()) / len(overlap),
     )
-    if plot or path is not None:
-        from .plotting import plot_comparison
-
-        comparison.figure = plot_comparison(comparison, path)
-    return comparison

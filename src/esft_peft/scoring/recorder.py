@@ -1,36 +1,20 @@
 """Record the exact routing decision of every MoE layer during a forward pass, with hooks.
 
-For every layout the recorder reads ``(top_k_index[T, K], top_k_weights[T, K])`` as the experts receive them:
-
-- FUSED / SPLIT_GLU: a forward pre-hook on the experts module, which is called as
-  ``experts(hidden[T, H], top_k_index, top_k_weights)`` after all router post-processing;
-- DENSE_BMM (llama4): a forward hook on the router, which returns ``(scores[T, E], logits)``; the experts get every
-  token scaled by ``scores``, which is zero outside the router's top-K of the logits;
-- PARALLEL_LINEAR (jetmoe): a forward hook on the router, whose expert-sorted output
-  ``(sorted_slots, batch_index, batch_gates, expert_size, logits)`` is scattered back to ``[T, K]``;
-- MODULE_LIST: a forward hook on the gate, whose output holds an integer index tensor and a float weight tensor of
-  the same ``[T, K]`` shape (remote-code DeepSeek: ``(topk_idx, topk_weight, aux_loss)``; others ``(weights, idx)``).
-
-Counts are accumulated on the model's device without host synchronisation; only tokens flagged in the current
-batch mask are counted.
+Each layer's experts layout (:mod:`esft_peft.moe.layouts`) attaches the hook that reads ``(top_k_index[T, K],
+top_k_weights[T, K])`` as its experts receive them. Counts are accumulated on the model's device without host
+synchronisation; only tokens flagged in the current batch mask are counted.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .moe_structure import DENSE_BMM, FUSED, MODULE_LIST, PARALLEL_LINEAR, SPLIT_GLU, MoELayer, unwrap
-
-Routing = tuple[torch.Tensor, torch.Tensor]  # (top_k_index[T, K] long, top_k_weights[T, K])
-
-
-class RoutingReadError(RuntimeError):
-    """A hooked module did not expose a routing decision the recorder can read."""
+from ..moe.discovery import MoELayer
+from ..moe.errors import RoutingReadError
 
 
 @dataclass
@@ -78,74 +62,6 @@ class BatchMask:
         self.sequence_tokens.index_add_(0, self.sequence, self.counted)
 
 
-def _router_module(model: nn.Module, layer: MoELayer) -> nn.Module:
-    names = [n for n in layer.router_names if n.rpartition(".")[2] in ("gate", "router")] or layer.router_names
-    if not names:
-        raise RoutingReadError(f"Layer {layer.key}: no router (`gate`/`router`) found next to {layer.experts_name}.")
-    return model.get_submodule(names[0])
-
-
-def _call_arguments(module: nn.Module) -> list[str]:
-    return [
-        name
-        for name, p in inspect.signature(unwrap(module).forward).parameters.items()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-
-
-def _experts_input_reader(module: nn.Module, key: str) -> Callable[[tuple, dict], Routing]:
-    names = _call_arguments(module)
-    if len(names) < 3:
-        raise RoutingReadError(f"Layer {key}: experts forward takes {names}; expected (hidden, index, weights).")
-
-    def read(args: tuple, kwargs: dict) -> Routing:
-        values = dict(zip(names, args))
-        values.update(kwargs)
-        try:
-            return values[names[1]], values[names[2]]
-        except KeyError as missing:
-            raise RoutingReadError(f"Layer {key}: experts called without {missing}.") from None
-
-    return read
-
-
-def _dense_router_reader(router: nn.Module) -> Callable[[Any], Routing]:
-    top_k = int(unwrap(router).top_k)
-
-    def read(output: Any) -> Routing:
-        scores, logits = output[0], output[1]
-        index = torch.topk(logits, top_k, dim=1).indices  # the router's own top-K of its logits
-        return index, scores.gather(1, index)
-
-    return read
-
-
-def _parallel_router_reader(output: Any) -> Routing:
-    sorted_slots, _, batch_gates, expert_size, logits = output
-    tokens = logits.shape[0]
-    sizes = torch.as_tensor(expert_size, device=sorted_slots.device)
-    experts = torch.repeat_interleave(torch.arange(len(sizes), device=sorted_slots.device), sizes)
-    index = torch.empty_like(sorted_slots).index_copy_(0, sorted_slots, experts)
-    weights = torch.empty_like(batch_gates).index_copy_(0, sorted_slots, batch_gates)
-    return index.view(tokens, -1), weights.view(tokens, -1)
-
-
-def _gate_output_reader(key: str) -> Callable[[Any], Routing]:
-    def read(output: Any) -> Routing:
-        tensors = [t for t in (output if isinstance(output, (tuple, list)) else (output,)) if torch.is_tensor(t)]
-        for index in tensors:
-            if index.dtype in (torch.int64, torch.int32) and index.dim() >= 1:
-                for weights in tensors:
-                    if weights.is_floating_point() and weights.shape == index.shape:
-                        return index, weights
-        raise RoutingReadError(
-            f"Layer {key}: the gate returned {[tuple(t.shape) for t in tensors]} "
-            "without an integer top-K index and float weights of the same shape; cannot read its routing."
-        )
-
-    return read
-
-
 class RoutingRecorder:
     """Hooks on every MoE layer that accumulate per-expert counts and gate sums over masked tokens.
 
@@ -179,24 +95,8 @@ class RoutingRecorder:
             self._handles.pop().remove()
 
     def _attach(self, key: str, layer: MoELayer) -> None:
-        if layer.kind in (FUSED, SPLIT_GLU):
-            experts = self.model.get_submodule(layer.experts_name)
-            read_input = _experts_input_reader(experts, key)
-            hook = lambda module, args, kwargs: self._record(key, *read_input(args, kwargs))  # noqa: E731
-            self._handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
-            return
-        router = _router_module(self.model, layer)
-        if layer.kind == DENSE_BMM:
-            read_output = _dense_router_reader(router)
-        elif layer.kind == PARALLEL_LINEAR:
-            read_output = _parallel_router_reader
-        elif layer.kind == MODULE_LIST:
-            read_output = _gate_output_reader(key)
-        else:
-            raise RoutingReadError(f"Layer {key}: no routing reader for experts of kind {layer.kind!r}.")
-        self._handles.append(
-            router.register_forward_hook(lambda module, args, output: self._record(key, *read_output(output)))
-        )
+        record = lambda index, weights: self._record(key, index, weights)  # noqa: E731
+        self._handles.append(layer.layout.watch_routing(self.model, layer, record))
 
     def _record(self, key: str, index: torch.Tensor, weights: torch.Tensor) -> None:
         if self.mask is None:

@@ -12,12 +12,14 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import TrainingArguments
 
-from .partitioned import gathered
+from ..defaults import PAPER_TRAINING
+from ..moe.partitioned import gathered
+from ..tuners.esft.layer import DELTA_CONTAINER
 
 logger = logging.getLogger(__name__)
 
 # State-dict keys that peft saves for an ESFT adapter: the deltas and any `modules_to_save` copies.
-ADAPTER_KEY_PARTS = (".esft_delta.", ".modules_to_save.")
+ADAPTER_KEY_PARTS = (f".{DELTA_CONTAINER}.", ".modules_to_save.")
 
 
 def esft_training_arguments(output_dir: str, **overrides: Any) -> TrainingArguments:
@@ -30,9 +32,8 @@ def esft_training_arguments(output_dir: str, **overrides: Any) -> TrainingArgume
     running independent processes.
     """
     defaults: dict[str, Any] = dict(
-        use_cpu=not torch.accelerator.is_available(),
-        output_dir=output_dir, max_steps=500, learning_rate=1e-5, lr_scheduler_type="constant", optim="adamw_torch",
-        adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.1, per_device_train_batch_size=8,
+        **PAPER_TRAINING, use_cpu=not torch.accelerator.is_available(), output_dir=output_dir,
+        per_device_train_batch_size=8,
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), logging_steps=10, save_strategy="no",
         report_to=[],

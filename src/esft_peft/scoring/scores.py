@@ -7,17 +7,16 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Union
 
 from torch import nn
 
+from ..defaults import SCORE_FUNCTIONS, paper_top_p
+from ..interop.files import atomic_write_text
+from ..moe.discovery import MoELayer, find_moe_layers
+from ..moe.layer_keys import LayerMap, layer_sort_key, normalize_layer_key
+from ..tuners.esft.config import ESFTConfig
 from . import selection as rules
-from .adapter_files import atomic_write_text
-from .config import ESFTConfig
-from .moe_structure import MoELayer, find_moe_layers
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +24,7 @@ PathLike = Union[str, os.PathLike]
 FORMAT_NAME = "esft-peft-expert-scores"
 FORMAT_VERSION = 1
 AVERAGES = ("tokens", "sequences")
+LAYER_FIELDS = ("token_scores", "gate_scores", "token_counts", "expert_counts", "weight_sums")
 
 
 class IncompatibleScoresError(ValueError):
@@ -47,7 +47,8 @@ class ExpertScores:
         renormalized: True when every token's weights add up to one constant (top-K renormalised, possibly scaled).
         weight_scale: that constant (1.0 renormalised; e.g. 2.5 with DeepSeek-V3's routed_scaling_factor).
         metadata: model, data fingerprint, budget, seed, library versions.
-    Layer keys are ``ESFTConfig.experts`` keys (decoder-layer indices as strings).
+    Layer keys are ``ESFTConfig.experts`` keys (decoder-layer indices as strings); lookups also take ints
+    (``scores.token_scores[1]``).
     """
 
     token_scores: dict[str, list[float]]
@@ -63,6 +64,9 @@ class ExpertScores:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in LAYER_FIELDS:
+            values = getattr(self, name)
+            setattr(self, name, LayerMap({normalize_layer_key(layer): value for layer, value in values.items()}))
         if not self.token_scores:
             raise ValueError("ExpertScores needs scores of at least one MoE layer.")
         if set(self.token_scores) != set(self.gate_scores):
@@ -78,7 +82,7 @@ class ExpertScores:
     @property
     def layers(self) -> list[str]:
         """Layer keys in numeric order."""
-        return sorted(self.token_scores, key=rules.layer_sort_key)
+        return sorted(self.token_scores, key=layer_sort_key)
 
     @property
     def num_experts(self) -> dict[str, int]:
@@ -86,8 +90,8 @@ class ExpertScores:
 
     def scores(self, score_function: str = "token") -> dict[str, list[float]]:
         """The token or gate scores."""
-        if score_function not in rules.SCORE_FUNCTIONS:
-            raise ValueError(f"Unknown score function {score_function!r}; choose one of {rules.SCORE_FUNCTIONS}.")
+        if score_function not in SCORE_FUNCTIONS:
+            raise ValueError(f"Unknown score function {score_function!r}; choose one of {SCORE_FUNCTIONS}.")
         return self.token_scores if score_function == "token" else self.gate_scores
 
     # ------------------------------------------------------------------------------------------------ selection
@@ -121,7 +125,7 @@ class ExpertScores:
         elif budget is not None:
             chosen = rules.select_budget(scores, budget)
         else:
-            top_p = 0.2 if top_p is None else top_p
+            top_p = paper_top_p(score_function) if top_p is None else top_p
             if score_function == "gate" and self.weight_scale not in (None, 1.0):
                 logger.warning(
                     "Gate scores of this model sum to %.3g per token (scaled routing weights); a top_p for gate "
@@ -141,8 +145,8 @@ class ExpertScores:
         """Raise :class:`IncompatibleScoresError` unless ``model`` has exactly these MoE layers and expert counts."""
         layers = model if isinstance(model, dict) else find_moe_layers(model)
         source = self.metadata.get("model_name") or self.metadata.get("source") or "another model"
-        missing = sorted(set(self.token_scores) - set(layers), key=rules.layer_sort_key)
-        unscored = sorted(set(layers) - set(self.token_scores), key=rules.layer_sort_key)
+        missing = sorted(set(self.token_scores) - set(layers), key=layer_sort_key)
+        unscored = sorted(set(layers) - set(self.token_scores), key=layer_sort_key)
         counts = [
             f"layer {key}: scores for {len(self.token_scores[key])} experts, model has {layers[key].num_experts}"
             for key in self.layers
@@ -159,26 +163,11 @@ class ExpertScores:
                 + ". Score the model you are going to fine-tune."
             )
 
-    # ------------------------------------------------------------------------------------------------ pictures
-
-    def plot(self, path: Optional[PathLike] = None, *, score_function: str = "token", top_p: Optional[float] = 0.2,
-             selection: Optional[dict[str, list[int]]] = None, title: Optional[str] = None) -> "Figure":
-        """Heatmap of the scores (layers x experts) with selected experts marked; saved to ``path`` if given.
-
-        ``selection`` defaults to ``select(score_function, top_p)``; ``top_p=None`` and no selection marks nothing.
-        Needs matplotlib (``pip install 'esft-peft[plot]'``).
-        """
-        from .plotting import plot_scores
-
-        if selection is None and top_p is not None:
-            selection = self.select(score_function, top_p)
-        return plot_scores(self, score_function=score_function, selection=selection, path=path, title=title)
-
     # ------------------------------------------------------------------------------------------------ files
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
-        for name in ("token_scores", "gate_scores", "token_counts", "expert_counts", "weight_sums"):
+        for name in LAYER_FIELDS:
             body[name] = {layer: body[name][layer] for layer in self.layers if layer in body[name]}
         return {"format": FORMAT_NAME, "version": FORMAT_VERSION, **body}
 
@@ -189,7 +178,7 @@ class ExpertScores:
                 layer: {str(expert): value for expert, value in enumerate(self.scores(name)[layer])}
                 for layer in self.layers
             }
-            for name in rules.SCORE_FUNCTIONS
+            for name in SCORE_FUNCTIONS
         }
 
     def save(self, path: PathLike, format: str = "esft") -> None:

@@ -8,7 +8,7 @@ from torch import nn
 
 from .config import ESFTConfig
 from .layer import ESFTLayer, ExpertsDeltaLayer, ModuleDeltaLayer
-from .targets import MODULE, plan_targets
+from .targets import plan_targets
 
 PLAN_ATTRIBUTE = "_esft_plan"
 
@@ -35,10 +35,10 @@ class ESFTModel(BaseTuner):
         if isinstance(target, ESFTLayer):
             target.update_layer(adapter_name, list(spec.expert_ids))
             return
-        if spec.kind == MODULE:
+        if spec.layout is None:
             new_module = ModuleDeltaLayer(target, adapter_name)
         else:
-            new_module = ExpertsDeltaLayer(target, spec.kind, adapter_name, list(spec.expert_ids))
+            new_module = ExpertsDeltaLayer(target, spec.layout, adapter_name, list(spec.expert_ids))
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

@@ -1,9 +1,9 @@
-"""Registers ESFT as a real peft method.
+"""Registers esft-peft's methods as real peft methods.
 
 peft's ``PeftType`` is a closed ``str`` enum and ``register_peft_method`` only accepts names that are already
-members of it. We therefore add an ``ESFT`` member to the enum (the only touch of enum internals, isolated here),
-then call peft's official registration. Both steps are idempotent and verified; if peft changes the enum or the
-registry in a way this code does not understand, import fails loudly instead of half-working.
+members of it. We therefore add a member to the enum (the only touch of enum internals, isolated here), then call
+peft's official registration. Both steps are idempotent and verified; if peft changes the enum or the registry in
+a way this code does not understand, import fails loudly instead of half-working.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ import enum
 import peft
 from peft.utils import PeftType, register_peft_method
 
-PEFT_TYPE_NAME = "ESFT"
-
 
 class RegistrationError(RuntimeError):
-    """Raised when peft's internals no longer allow registering ESFT."""
+    """Raised when peft's internals no longer allow registering a method."""
 
 
 def _extend_peft_type(name: str) -> PeftType:
@@ -27,7 +25,7 @@ def _extend_peft_type(name: str) -> PeftType:
     if not issubclass(PeftType, str) or not all(hasattr(PeftType, attr) for attr in required):
         raise RegistrationError(
             f"peft {peft.__version__}: PeftType is no longer a str Enum with the expected internals; "
-            "esft-peft cannot register the 'ESFT' method. Please report this with your peft version."
+            f"esft-peft cannot register the {name!r} method. Please report this with your peft version."
         )
     member = str.__new__(PeftType, name)
     member._name_ = name
@@ -56,24 +54,22 @@ def _verify_peft_type(name: str) -> PeftType:
     return member
 
 
-def register_esft() -> PeftType:
-    """Make ``"ESFT"`` a peft method (idempotent). Returns the ``PeftType.ESFT`` member."""
+def register_method(name: str, config_cls: type, model_cls: type) -> PeftType:
+    """Make ``name`` (upper case, e.g. ``"ESFT"``) a peft method served by ``config_cls``/``model_cls``
+    (idempotent). Returns its ``PeftType`` member."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
-    from .config import ESFTConfig
-    from .model import ESFTModel
-
-    _extend_peft_type(PEFT_TYPE_NAME)
-    peft_type = _verify_peft_type(PEFT_TYPE_NAME)
+    _extend_peft_type(name)
+    peft_type = _verify_peft_type(name)
     registered = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
     if registered is None:
-        register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=ESFTConfig, model_cls=ESFTModel, prefix=ESFTModel.prefix)
-    elif registered is not ESFTConfig:
-        raise RegistrationError(f"Another class ({registered!r}) is already registered for PeftType.ESFT.")
+        register_peft_method(name=name.lower(), config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)
+    elif registered is not config_cls:
+        raise RegistrationError(f"Another class ({registered!r}) is already registered for PeftType.{name}.")
     if (
-        PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is not ESFTConfig
-        or PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is not ESFTModel
-        or PEFT_TYPE_TO_PREFIX_MAPPING.get(peft_type) != ESFTModel.prefix
+        PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is not config_cls
+        or PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is not model_cls
+        or PEFT_TYPE_TO_PREFIX_MAPPING.get(peft_type) != model_cls.prefix
     ):
-        raise RegistrationError(f"peft {peft.__version__}: registering ESFT did not fill peft's method mappings.")
+        raise RegistrationError(f"peft {peft.__version__}: registering {name} did not fill peft's method mappings.")
     return peft_type

@@ -1,0 +1,1 @@
+"""Files, the Hugging Face Hub and the ESFT authors' adapter format."""

@@ -1,0 +1,1 @@
+"""Model structure: MoE layers, their experts layouts (the family registry) and layer keys."""
