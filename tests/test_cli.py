@@ -98,12 +98,12 @@ def test_score_select_train_merge_convert_push(workspace, tmp_path, capsys, monk
     assert set(scores["token_scores"]) == {"0"}
 
     code, out, err = run(["select", "--scores", tmp_path / "scores.json", "--score-function", "gate", "--top-p", "0.3",
-                          "--out", tmp_path / "expert_config.json"], capsys)
+                          "--out", tmp_path / "expert_cfg.json"], capsys)
     assert code == 0, err
-    expert_config = json.loads((tmp_path / "expert_config.json").read_text())
+    expert_config = json.loads((tmp_path / "expert_cfg.json").read_text())
     assert set(expert_config) == {"experts", "shared_experts", "non_expert_modules"} and expert_config["experts"]["0"]
 
-    code, out, err = run(["train", "--model", model, "--data", data, "--expert-config", tmp_path / "expert_config.json",
+    code, out, err = run(["train", "--model", model, "--data", data, "--expert-config", tmp_path / "expert_cfg.json",
                           "--out", tmp_path / "adapter", "--max-steps", "2", "--batch-size", "4",
                           "--learning-rate", "1e-2", "--no-gradient-checkpointing"], capsys)
     assert code == 0, err
@@ -168,4 +168,4 @@ def test_train_on_conversations_labels_only_assistant_turns(workspace, tmp_path,
                         "--expert-config", tmp_path / "cfg.json", "--out", tmp_path / "adapter", "--max-steps", "1",
                         "--batch-size", "2"], capsys)
     assert code == 0, err
-    assert json.loads((tmp_path / "adapter" / "expert_config.json").read_text())["experts"] == {"0": [0]}
+    assert json.loads((tmp_path / "adapter" / "expert_cfg.json").read_text())["experts"] == {"0": [0]}

@@ -8,8 +8,8 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from esft_peft import find_moe_layers
+from esft_peft.defaults import EXPERT_CONFIG_NAME
 from esft_peft.interop.official import (
-    OFFICIAL_CONFIG_NAME,
     UnsupportedLayoutError,
     convert_from_official,
     convert_to_official,
@@ -44,7 +44,7 @@ def _write_official(tmp_path, family: str, selection: dict[str, list[int]], pref
     directory = tmp_path / "official"
     directory.mkdir()
     save_file(state, str(directory / "adapter.safetensors"))
-    (directory / OFFICIAL_CONFIG_NAME).write_text(
+    (directory / EXPERT_CONFIG_NAME).write_text(
         json.dumps({"experts": selection, "shared_experts": False, "non_expert_modules": False})
     )
     return directory, expected
@@ -74,7 +74,7 @@ def test_import_matches_overwritten_experts_and_round_trips_exactly(tmp_path, fa
     assert set(exported) == {official_key(l, e, p) for (l, e, p) in expected}
     for (layer, expert, projection), weight in expected.items():
         assert torch.equal(exported[official_key(layer, expert, projection)], weight)
-    assert json.loads((out / OFFICIAL_CONFIG_NAME).read_text())["experts"] == selection
+    assert json.loads((out / EXPERT_CONFIG_NAME).read_text())["experts"] == selection
 
 
 def test_directory_conversions_both_ways(tmp_path):
@@ -124,7 +124,7 @@ def test_unsupported_layout_and_mismatches_fail_clearly(tmp_path):
         load_official_adapter(make_model("gpt_oss"), official_dir)  # interleaved gate/up with biases
     with pytest.raises(ValueError, match="shape"):
         load_official_adapter(make_model("deepseek_v2", moe_intermediate_size=8), official_dir)
-    (official_dir / OFFICIAL_CONFIG_NAME).write_text(json.dumps({"experts": {"1": [0, 4]}}))
+    (official_dir / EXPERT_CONFIG_NAME).write_text(json.dumps({"experts": {"1": [0, 4]}}))
     with pytest.raises(ValueError, match="missing"):
         load_official_adapter(make_model("deepseek_v2"), official_dir)
     with pytest.raises(FileNotFoundError, match="expert_cfg.json"):

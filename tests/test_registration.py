@@ -9,7 +9,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 import esft_peft
 from esft_peft import ESFTConfig, ESFTModel
-from esft_peft import registration
+from esft_peft.tuners import registration
 from esft_peft import register_esft
 from esft_peft.tuners.registration import RegistrationError
 from esft_helpers import logits, selection, train_steps

@@ -19,6 +19,8 @@ from esft_peft.scoring import (
     ExpertScores,
     IncompatibleScoresError,
     compare_tasks,
+    plot_comparison,
+    plot_scores,
     score_experts,
 )
 
@@ -480,7 +482,7 @@ def test_texts_without_tokenizer_and_bad_arguments_are_refused():
 
 def test_heatmap_marks_the_selected_experts(tmp_path):
     scores = ExpertScores.load(OFFICIAL / "expert_scores_intent.json")
-    figure = scores.plot(tmp_path / "heat.png", score_function="token", top_p=0.2)
+    figure = plot_scores(scores, path=tmp_path / "heat.png", score_function="token", selection=scores.select("token"))
     assert (tmp_path / "heat.png").stat().st_size > 1000
     axes = figure.axes[0]
     marked = axes.collections[0].get_offsets()
@@ -495,8 +497,9 @@ def test_heatmap_marks_the_selected_experts(tmp_path):
 def test_compare_tasks_numbers_and_figure(tmp_path):
     intent = ExpertScores.load(OFFICIAL / "expert_scores_intent.json")
     law = ExpertScores.load(OFFICIAL / "expert_scores_law.json")
-    result = compare_tasks(intent, law, labels=("intent", "law"), path=tmp_path / "cmp.png")
-    assert (tmp_path / "cmp.png").is_file() and result.figure is not None
+    result = compare_tasks(intent, law, labels=("intent", "law"))
+    figure = plot_comparison(result, tmp_path / "cmp.png")
+    assert (tmp_path / "cmp.png").is_file() and len(figure.axes) == 2
     a, b = intent.select("token", 0.2), law.select("token", 0.2)
     assert result.overlap["1"] == {"a": len(a["1"]), "b": len(b["1"]), "shared": len(set(a["1"]) & set(b["1"])),
                                    "jaccard": len(set(a["1"]) & set(b["1"])) / len(set(a["1"]) | set(b["1"]))}
@@ -504,7 +507,7 @@ def test_compare_tasks_numbers_and_figure(tmp_path):
     assert 0 < result.concentration["intent"]["1"]["entropy"] < 1
     assert 0 <= result.mean_jaccard < 0.5
     same = compare_tasks(intent, intent, labels=("x", "y"))
-    assert same.mean_jaccard == 1.0 and same.figure is None
+    assert same.mean_jaccard == 1.0
     with pytest.raises(IncompatibleScoresError):
         compare_tasks(intent, _toy_scores())
 
@@ -516,7 +519,8 @@ def test_plotting_without_matplotlib_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     scores = _toy_scores()
     with pytest.raises(ImportError, match=r"pip install 'esft-peft\[plot\]'"):
-        scores.plot()
+        plot_scores(scores)
+    comparison = compare_tasks(scores, scores, labels=("x", "y"))
+    assert comparison.mean_jaccard == 1.0
     with pytest.raises(ImportError, match="matplotlib"):
-        compare_tasks(scores, scores, labels=("x", "y"), plot=True)
-    assert compare_tasks(scores, scores, labels=("x", "y")).mean_jaccard == 1.0
+        plot_comparison(comparison)
