@@ -15,6 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..conversations import encode_conversation
+from ..defaults import PAPER_SEQUENCE_LENGTH, PAPER_TOKEN_BUDGET, PAPER_TOP_P
+
 logger = logging.getLogger("esft_peft.cli")
 
 DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -104,25 +107,8 @@ def _column(dataset, name: str, option: str):
 
 def encode_messages(tokenizer, messages: list[dict], max_length: int, train_on_prompt: bool) -> dict[str, list[int]]:
     """Token ids and labels of one conversation; only assistant turns are labelled unless ``train_on_prompt``."""
-    full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-    full = list(full["input_ids"] if isinstance(full, dict) else full)
-    labels = list(full) if train_on_prompt else [-100] * len(full)
-    if not train_on_prompt:
-        for index, message in enumerate(messages):
-            if message.get("role") != "assistant":
-                continue
-            start = len(_template_ids(tokenizer, messages[:index], add_generation_prompt=True))
-            end = len(_template_ids(tokenizer, messages[: index + 1], add_generation_prompt=False))
-            labels[start:end] = full[start:end]
-    return {"input_ids": full[:max_length], "labels": labels[:max_length]}
-
-
-def _template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    if not messages:
-        return []
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
-                                        return_dict=False)
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    ids, labels = encode_conversation(tokenizer, messages, train_on_prompt)
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
 
 def training_dataset(dataset, tokenizer, args: argparse.Namespace):
@@ -194,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from ..defaults import EXPERT_CONFIG_NAME
     from ..interop.files import atomic_directory_write
     from ..interop.hub import adapter_statistics, write_model_card
-    from ..training.helpers import esft_training_arguments, gather_adapter_state_dict
+    from ..training import ExpertWeightDecayCallback, esft_training_arguments, gather_adapter_state_dict
     from ..tuners.esft.config import ESFTConfig
 
     if not Path(args.expert_config).is_file():
@@ -220,7 +206,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="esft-train-") as work:
         training_args = esft_training_arguments(work, **overrides)
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-        trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator)
+        callbacks = [ExpertWeightDecayCallback()] if args.decay_expert_weights else []
+        trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
+                          callbacks=callbacks)
         trainer.train()
     adapter_state = gather_adapter_state_dict(model)  # every process takes part (FSDP2/ZeRO-3 partitions)
 
@@ -350,8 +338,8 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
     columns.add_argument("--messages-column", metavar="NAME",
                          help="column with chat conversations ([{role, content}, ...]) rendered by the chat template")
     group.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the tokenizer's")
-    group.add_argument("--max-length", type=_positive_int, default=4096, metavar="N",
-                       help="truncate sequences to N tokens (default: 4096)")
+    group.add_argument("--max-length", type=_positive_int, default=PAPER_SEQUENCE_LENGTH, metavar="N",
+                       help=f"truncate sequences to N tokens (default: {PAPER_SEQUENCE_LENGTH})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(score)
     score.add_argument("--out", required=True, metavar="FILE", help="scores JSON to write")
     score.add_argument("--heatmap", metavar="PNG", help="also write a layers x experts heatmap")
-    score.add_argument("--token-budget", type=_positive_int, default=131072, metavar="N",
-                       help="stop after N counted tokens (paper: 32 x 4096 = 131072)")
+    score.add_argument("--token-budget", type=_positive_int, default=PAPER_TOKEN_BUDGET, metavar="N",
+                       help=f"stop after N counted tokens (default, the paper's: {PAPER_TOKEN_BUDGET})")
     score.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="sequences per forward pass")
     score.add_argument("--seed", type=int, default=0, help="seed for sampling the data")
     score.add_argument("--average", choices=("tokens", "sequences"), default="tokens",
@@ -392,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--score-function", choices=("token", "gate"), default="token",
                         help="token selection ratio (ESFT-Token) or average gate score (ESFT-Gate)")
     select.add_argument("--top-p", type=_probability, default=None, metavar="P",
-                        help="cumulative score threshold (paper: 0.2 for token, 0.1 for gate)")
+                        help="cumulative score threshold (default, the paper's: "
+                        f"{PAPER_TOP_P['token']} for token, {PAPER_TOP_P['gate']} for gate)")
     select.add_argument("--out", required=True, metavar="FILE", help="expert config JSON to write")
     select.add_argument("--shared-experts", action="store_true", help="also train shared experts")
     select.add_argument("--non-expert-modules", action="store_true", help="also train all non-expert modules")
@@ -415,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-on-prompt", action="store_true",
                        help="with --messages-column: also compute the loss on non-assistant tokens")
     train.add_argument("--no-gradient-checkpointing", action="store_true", help="faster, more activation memory")
+    train.add_argument("--decay-expert-weights", action="store_true",
+                       help="weight decay pulls the trained experts' weights toward zero, as the ESFT authors' AdamW "
+                       "(default: it pulls the deltas toward zero, i.e. the experts toward their base weights)")
     train.add_argument("--device", help="torch device (the Trainer picks one when omitted)")
     train.set_defaults(func=cmd_train)
 
@@ -463,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _finish_select_defaults(args: argparse.Namespace) -> None:
     if args.command == "select" and args.top_p is None:
-        args.top_p = 0.2 if args.score_function == "token" else 0.1
+        args.top_p = PAPER_TOP_P[args.score_function]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

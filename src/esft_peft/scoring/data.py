@@ -27,9 +27,10 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..conversations import IGNORE_INDEX, encode_conversation
+
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -169,27 +170,11 @@ class BatchStream:
     def _tokenize(self, text: str, special_tokens: bool = True) -> list[int]:
         return list(self._require_tokenizer()(text, add_special_tokens=special_tokens)["input_ids"])
 
-    def _template(self, messages: list[dict], generation_prompt: bool) -> list[int]:
-        if not messages:
-            return []
-        ids = self.tokenizer.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False
-        )
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-
     def _encode_messages(self, messages: list[dict]) -> Example:
         """A conversation with the chat template; without one, ``role: content`` lines. Prompt turns get labels -100."""
         tokenizer = self._require_tokenizer()
         if getattr(tokenizer, "chat_template", None):
-            ids = self._template(messages, generation_prompt=False)
-            labels = list(ids)
-            for index, message in enumerate(messages):
-                if message.get("role") != "assistant":
-                    start = len(self._template(messages[:index], generation_prompt=False))
-                    answer_next = index + 1 < len(messages) and messages[index + 1].get("role") == "assistant"
-                    end = len(self._template(messages[: index + 1], generation_prompt=answer_next))
-                    labels[start:end] = [IGNORE_INDEX] * (end - start)
-            return Example(ids, labels)
+            return Example(*encode_conversation(tokenizer, messages))
         if not self.warned_template:
             logger.warning("The tokenizer has no chat template; conversations are scored as 'role: content' lines.")
             self.warned_template = True

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from ..defaults import PAPER_SEQUENCE_LENGTH, PAPER_TOKEN_BUDGET
 from ..moe.discovery import find_moe_layers
 from ..moe.errors import RoutingReadError
-from .data import IGNORE_INDEX, BatchStream, EmptyDataError, sequence_digest
+from ..conversations import IGNORE_INDEX
+from .data import BatchStream, EmptyDataError, sequence_digest
 from .recorder import BatchMask, LayerTotals, RoutingRecorder
 from .scores import AVERAGES, ExpertScores
 

@@ -39,6 +39,13 @@ def with_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (weight.to(delta.dtype) + delta).to(weight.dtype)
 
 
+@functools.lru_cache(maxsize=1024)
+def ids_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The selected expert ids as a long tensor on ``device``, made once (no host-to-device copy per forward).
+    Shared: never modify it in place."""
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The base module behind a peft tuner layer (or the module itself)."""
     get_base_layer = getattr(module, "get_base_layer", None)

@@ -15,7 +15,17 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import UnsupportedLayoutError
 from ..partitioned import is_partitioned, logical_shape
-from .base import Deltas, ExpertsLayout, is_experts_name, RecordRouting, bind_arguments, call_arguments, watch_experts_input, with_delta
+from .base import (
+    Deltas,
+    ExpertsLayout,
+    RecordRouting,
+    bind_arguments,
+    call_arguments,
+    ids_tensor,
+    is_experts_name,
+    watch_experts_input,
+    with_delta,
+)
 
 NAMES = ("w1", "v1", "w2")
 
@@ -48,7 +58,7 @@ class DbrxExperts(ExpertsLayout):
         batch_size = hidden.shape[0]
         hidden = hidden.reshape(-1, target.hidden_size)
         views = self.expert_views(target)
-        chosen = torch.tensor(ids, device=hidden.device)
+        chosen = ids_tensor(tuple(ids), hidden.device)
         selected = {name: with_delta(views[name][chosen], deltas[name]) for name in NAMES}
         row = {expert: j for j, expert in enumerate(ids)}
         next_states = torch.zeros_like(hidden)

@@ -19,7 +19,17 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import UnsupportedLayoutError
 from ..partitioned import logical_shape
-from .base import Deltas, ExpertsLayout, is_experts_name, RecordRouting, bind_arguments, call_arguments, watch_experts_input, with_delta
+from .base import (
+    Deltas,
+    ExpertsLayout,
+    RecordRouting,
+    bind_arguments,
+    call_arguments,
+    ids_tensor,
+    is_experts_name,
+    watch_experts_input,
+    with_delta,
+)
 
 try:  # private transformers API; guarded so that `import esft_peft` never fails on it
     from transformers.integrations.moe import _grouped_linear
@@ -79,7 +89,7 @@ class FusedExperts(ExpertsLayout):
         # matmuls run on the rows of the selected experts and of the others, each group's rows in the base's order
         # (GEMM results depend on a row's position in its group): a zero delta reproduces the base bit for bit.
         experts_sorted, perm = torch.sort(top_k_index.reshape(-1))
-        chosen = torch.tensor(ids, device=device)
+        chosen = ids_tensor(tuple(ids), device)
         lookup = torch.full((num_experts,), k, dtype=torch.long, device=device)
         lookup.index_copy_(0, chosen, torch.arange(k, device=device))
         group = lookup[experts_sorted]  # selected expert j -> j, any other -> k

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..partitioned import logical_shape
-from .base import Deltas, ExpertsLayout, RecordRouting, router_of, unwrap, with_delta
+from .base import Deltas, ExpertsLayout, RecordRouting, ids_tensor, router_of, unwrap, with_delta
 
 LINEARS = ("input_linear", "output_linear")
 
@@ -49,7 +49,7 @@ class JetMoeExperts(ExpertsLayout):
     def forward(self, target: nn.Module, ids: list[int], deltas: Deltas, args: tuple, kwargs: dict) -> torch.Tensor:
         inputs = args[0] if args else kwargs["inputs"]
         expert_size = args[1] if len(args) > 1 else kwargs["expert_size"]
-        chosen = torch.tensor(ids, device=inputs.device)
+        chosen = ids_tensor(tuple(ids), inputs.device)
         selected = with_delta(target.weight[chosen], deltas["weight"])
         row = {expert: j for j, expert in enumerate(ids)}
         chunks = inputs.split(expert_size, dim=0)

@@ -17,7 +17,17 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..partitioned import logical_shape
-from .base import Deltas, ExpertsLayout, is_experts_name, RecordRouting, call_arguments, router_of, unwrap, with_delta
+from .base import (
+    Deltas,
+    ExpertsLayout,
+    RecordRouting,
+    call_arguments,
+    ids_tensor,
+    is_experts_name,
+    router_of,
+    unwrap,
+    with_delta,
+)
 
 NAMES = ("gate_up_proj", "down_proj")
 
@@ -44,7 +54,7 @@ class Llama4Experts(ExpertsLayout):
         num_experts = self.num_experts(target)
         per_expert = hidden.view(num_experts, -1, hidden.shape[-1])
         tokens = per_expert.shape[1]
-        chosen = torch.tensor(ids, device=hidden.device)
+        chosen = ids_tensor(tuple(ids), hidden.device)
         routed = (per_expert[chosen] != 0).any(-1)  # [k, T]: rows that reach the selected experts
         local, token = routed.nonzero(as_tuple=True)  # sorted by selected expert, then token
         offs = torch.cumsum(routed.sum(-1), 0, dtype=torch.int32)

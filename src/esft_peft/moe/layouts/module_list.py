@@ -17,7 +17,16 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import RoutingReadError, UnsupportedLayoutError
 from ..partitioned import logical_shape
-from .base import PROJECTIONS, Deltas, ExpertsLayout, is_experts_name, RecordRouting, named_base_modules, router_of, unwrap
+from .base import (
+    PROJECTIONS,
+    Deltas,
+    ExpertsLayout,
+    RecordRouting,
+    is_experts_name,
+    named_base_modules,
+    router_of,
+    unwrap,
+)
 
 
 class ModuleListExperts(ExpertsLayout):

@@ -150,6 +150,12 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
             combined[param] = torch.stack(rows)
         return ids, combined
 
+    def base_weights(self, adapter: str) -> dict[str, torch.Tensor]:
+        """The frozen weights under ``adapter``'s deltas (its selected experts' rows, aligned with the delta rows)."""
+        views = self.layout.expert_views(self.get_base_layer())
+        index = torch.tensor(self.esft_expert_ids[adapter], device=self._base_param().device)
+        return {name: views[name][index] for name in self.esft_delta[adapter]}
+
     def forward(self, *args: Any, **kwargs: Any):
         active = self._adapters_to_apply()
         if not active:
@@ -240,6 +246,11 @@ class ModuleDeltaLayer(nn.Module, ESFTLayer):
                 delta = _scaled(weight, delta)
                 total[name] = total[name] + delta if name in total else delta
         return total
+
+    def base_weights(self, adapter: str) -> dict[str, torch.Tensor]:
+        """The frozen parameters under ``adapter``'s deltas."""
+        params = dict(self.get_base_layer().named_parameters(recurse=False))
+        return {name: params[name] for name in self.esft_delta[adapter]}
 
     def forward(self, *args: Any, **kwargs: Any):
         active = self._adapters_to_apply()
