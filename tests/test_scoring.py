@@ -524,3 +524,51 @@ def test_plotting_without_matplotlib_says_how_to_install(monkeypatch):
     assert comparison.mean_jaccard == 1.0
     with pytest.raises(ImportError, match="matplotlib"):
         plot_comparison(comparison)
+
+
+# ------------------------------------------------------------------------------------------------ core v2 defects
+
+
+def test_encoder_and_decoder_layer_keys_select_and_sort_together():
+    token = {"1": [0.6, 0.4], "encoder.1": [0.3, 0.7], "0": [0.9, 0.1], "encoder.0": [0.5, 0.5]}
+    scores = ExpertScores(token_scores=token, gate_scores=token)
+    assert scores.layers == ["encoder.0", "encoder.1", "0", "1"]
+    assert scores.select("token", 0.5) == {"encoder.0": [0], "encoder.1": [1], "0": [0], "1": [0]}
+    assert list(scores.select("token", top_k=1)) == scores.layers
+    assert scores.select("token", budget=5)["encoder.0"] == [0, 1]
+    assert list(ESFTConfig(experts=scores.select("token", 0.5)).experts) == scores.layers
+
+
+def test_layer_lookups_accept_ints():
+    scores = ExpertScores.load(OFFICIAL / "expert_scores_intent.json")
+    assert scores.token_scores[1] == scores.token_scores["1"]
+    assert 1 in scores.token_scores and 99 not in scores.token_scores
+    assert scores.gate_scores.get(26) == scores.gate_scores["26"]
+    with pytest.raises(KeyError):
+        scores.token_scores[0]  # layer 0 of DeepSeek-V2-Lite is dense: not scored
+
+
+def test_paper_top_p_is_one_default_for_the_api_and_the_cli(tmp_path):
+    from esft_peft.cli.main import main
+    from esft_peft.defaults import PAPER_TOP_P
+
+    scores = ExpertScores.load(OFFICIAL / "expert_scores_law.json")
+    scores.save(tmp_path / "scores.json")
+    for function, p in PAPER_TOP_P.items():
+        assert main(["select", "--scores", str(tmp_path / "scores.json"), "--score-function", function,
+                     "--out", str(tmp_path / f"{function}.json")]) == 0
+        written = json.loads((tmp_path / f"{function}.json").read_text())["experts"]
+        assert written == scores.select(function) == scores.select(function, p)
+    assert scores.select("gate") != scores.select("gate", 0.2)
+
+
+def test_encoder_decoder_moe_is_refused_clearly():
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.for_model("switch_transformers", vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                  num_decoder_layers=2, num_heads=4, num_experts=4, encoder_sparse_step=1,
+                                  decoder_sparse_step=1, expert_capacity=8)
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    assert list(find_moe_layers(model)) == ["encoder.0", "encoder.1", "0", "1"]
+    with pytest.raises(ValueError, match="encoder-decoder.*ESFTConfig"):
+        score_experts(model, [{"input_ids": torch.arange(8)}], show_progress=False)

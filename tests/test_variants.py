@@ -56,3 +56,20 @@ def test_router_is_frozen_by_default_and_trainable_on_request():
     assert any("layers.0.mlp.gate.esft_delta" in n for n in delta_params(model))
     train_steps(model)
     assert delta_params(model)["base_model.model.model.layers.0.mlp.gate.esft_delta.default.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["llama4_text", "phimoe", "qwen3_moe", "deepseek_v2", "mixtral"])
+def test_router_training_on_routers_that_return_tuples(family):
+    # llama4's and phimoe's routers subclass nn.Linear but return tuples: they must run their own forward.
+    base = make_model(family)
+    reference = logits(base)
+    model = get_peft_model(base, ESFTConfig(experts=selection(base), train_router=True))
+    assert torch.equal(logits(model), reference)
+    routers = [n for n in delta_params(model) if ".gate." in n or ".router." in n]
+    assert routers, list(delta_params(model))
+    train_steps(model)
+    assert any(delta_params(model)[n].abs().sum() > 0 for n in routers)
+    out = logits(model)
+    with model.disable_adapter():
+        assert torch.equal(logits(model), reference)
+    torch.testing.assert_close(logits(model.merge_and_unload()), out, atol=1e-5, rtol=0)

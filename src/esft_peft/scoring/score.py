@@ -77,6 +77,7 @@ def score_experts(
 
     Raises:
         NotAnMoEModelError: the model has no MoE layer.
+        ValueError: the model is an encoder-decoder (switch-transformers, nllb-moe): not supported.
         EmptyDataError: the data holds no sequence.
         AllTokensMaskedError: every token is padding or masked.
     """
@@ -86,6 +87,12 @@ def score_experts(
         raise ValueError(f"token_budget must be >= 1 or None, got {token_budget}.")
     layers = find_moe_layers(model)
     config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"score_experts runs decoder-only models; this {config.model_type} model is an encoder-decoder, whose "
+            "decoder layers would need target sequences. Choose its experts by hand, e.g. "
+            "ESFTConfig(experts={'encoder.0': [...], '0': [...]}), or score a decoder-only MoE."
+        )
     if max_length is None:
         model_limit = getattr(config, "max_position_embeddings", None) or PAPER_SEQUENCE_LENGTH
         max_length = min(PAPER_SEQUENCE_LENGTH, model_limit)

@@ -44,7 +44,8 @@ class ESFTModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        # Experts containers have no `.weight`; deltas are created on the base's device already.
+        # Needed: peft's version copies `child.weight` onto the unwrapped module in unload()/merge_and_unload(),
+        # and experts containers have no `.weight` (AttributeError). Deltas are created on the base's device.
         setattr(parent, child_name, new_module)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:

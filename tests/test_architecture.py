@@ -1,0 +1,113 @@
+"""The package's structure: imports run one way, one registry of experts layouts, guarded private APIs."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import tokenize
+from pathlib import Path
+
+import pytest
+from peft import get_peft_model
+
+from esft_peft import ESFTConfig, find_moe_layers
+from esft_peft.moe.errors import UnsupportedLayoutError
+from esft_peft.moe.layouts import LAYOUTS
+from tiny_families import FAMILIES, make_model
+
+PACKAGE = Path(__file__).parents[1] / "src" / "esft_peft"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> esft_peft modules it imports, at module level or inside functions (deferred imports count)."""
+    modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in modules]
+                targets = targets or ([base] if base in modules else [])
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names if alias.name in modules]
+            else:
+                continue
+            graph[name].update(target for target in targets if target != name)
+    return graph
+
+
+def test_no_import_cycles_including_deferred_imports():
+    graph = import_graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                visit(target, stack + [target])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+    assert len(graph) > 30  # the walk saw the whole package
+
+
+def test_plotting_depends_on_scores_never_the_reverse():
+    graph = import_graph()
+    importers = {name for name, targets in graph.items() if "esft_peft.scoring.plotting" in targets}
+    assert importers <= {"esft_peft", "esft_peft.scoring", "esft_peft.cli.main", "esft_peft.demo.run"}, importers
+
+
+def test_the_delta_marker_is_written_once():
+    places = []
+    for path in PACKAGE.rglob("*.py"):
+        with open(path, "rb") as source:
+            strings = [t.string for t in tokenize.tokenize(source.readline) if t.type == tokenize.STRING]
+        places += [f"{path.name}: {text}" for text in strings if ".esft_delta." in text or text == '"esft_delta"']
+    assert places == ['layer.py: "esft_delta"'], places
+
+
+def test_one_layout_class_per_kind_and_every_family_detected():
+    kinds = [layout.kind for layout in LAYOUTS]
+    assert len(set(kinds)) == len(kinds) == 5
+    found = {family: {layer.kind for layer in find_moe_layers(make_model(family)).values()} for family in FAMILIES}
+    assert set().union(*found.values()) == set(kinds), found
+    assert all(len(layouts) == 1 for layouts in found.values()), found
+
+
+def test_missing_private_transformers_api_is_a_clear_error(monkeypatch):
+    import esft_peft.moe.layouts.fused as fused
+
+    monkeypatch.setattr(fused, "_grouped_linear", None)
+    with pytest.raises(UnsupportedLayoutError, match="qwen3_moe model.*_grouped_linear"):
+        get_peft_model(make_model("qwen3_moe"), ESFTConfig(experts={0: [1]}))
+
+
+def test_import_works_without_the_private_api():
+    code = ("import transformers.integrations.moe as moe; del moe._grouped_linear; "
+            "import esft_peft; print(esft_peft.ESFTConfig(experts={1: [0]}).peft_type.value)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ESFT"
+
+
+def test_expert_parallel_experts_are_refused():
+    model = make_model("qwen3_moe")
+    model.model.layers[0].mlp.experts._is_expert_parallel = True
+    with pytest.raises(UnsupportedLayoutError, match="expert parallelism"):
+        get_peft_model(model, ESFTConfig(experts={0: [1]}))
