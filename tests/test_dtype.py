@@ -5,7 +5,7 @@ import logging
 import torch
 from peft import get_peft_model
 
-from esft_peft import ESFTConfig
+from esft_peft import ESFTConfig, find_moe_layers
 from esft_helpers import delta_params, logits, train_steps
 from tiny_families import make_model
 
@@ -52,3 +52,18 @@ def test_large_enough_update_survives_bf16_merge(caplog):
         merged = model.merge_and_unload()
     assert "rounded away" not in caplog.text
     assert merged.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+
+
+def test_bf16_merged_model_reproduces_the_adapter_forward_exactly():
+    # The dtype policy: W + delta summed in fp32 and rounded once to bf16, in the forward and in the merge alike.
+    for family in ("qwen3_moe", "deepseek_v2", "gpt_oss"):
+        base = make_model(family, dtype=torch.bfloat16)
+        model = get_peft_model(base, ESFTConfig(experts={list(find_moe_layers(base))[0]: [0, 3]}))
+        train_steps(model, lr=1e-2)
+        with torch.no_grad():
+            for delta in delta_params(model).values():  # sub-bf16 parts that the rounding must treat alike
+                delta.add_(torch.randn_like(delta) * 1e-4)
+        adapted = logits(model)
+        merged = model.merge_and_unload()
+        assert merged.model.layers[-1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+        assert torch.equal(logits(merged), adapted), family

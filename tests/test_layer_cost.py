@@ -1,4 +1,5 @@
-"""Cost follows the selection: nothing expert-sized is held for backward, gradients only for selected rows."""
+"""Cost follows the selection: nothing expert-sized is held for backward beyond the selected experts' W + delta,
+gradients only for selected rows."""
 
 import torch
 from peft import get_peft_model
@@ -27,6 +28,9 @@ def test_wrapped_layer_saves_no_expert_sized_copy():
     hidden = torch.randn(128, 64, requires_grad=True)
     index = torch.stack([torch.randperm(32)[:4] for _ in range(128)])
     weights = torch.rand(128, 4).softmax(-1)
+    params = {p.untyped_storage().data_ptr() for p in base.parameters()}
+    _, frozen = saved_storages(lambda: experts(hidden, index, weights))
+    frozen_bytes = sum(size for ptr, size in frozen.items() if ptr not in params)
     model = get_peft_model(base, ESFTConfig(experts={0: [1, 5, 9]}))
     wrapped = model.get_base_model().model.layers[0].mlp.experts
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -34,6 +38,12 @@ def test_wrapped_layer_saves_no_expert_sized_copy():
     activations = {ptr: size for ptr, size in saved.items() if ptr not in param_ptrs}
     # parametrize-style injection would save W + delta for all experts (== fused_bytes); here nothing comes close.
     assert activations and max(activations.values()) < 0.25 * fused_bytes, (max(activations.values()), fused_bytes)
+    # Beyond the frozen layer's own saved activations: the 3 selected experts' W + delta, and one copy of the
+    # intermediate activations (S x I, gathered per path for the down projections). Nothing else.
+    selected_bytes = 3 * fused_bytes // 32
+    intermediate_bytes = index.numel() * 64 * hidden.element_size()
+    assert sum(activations.values()) - frozen_bytes <= selected_bytes + intermediate_bytes
+    assert {98304, 49152} <= set(activations.values())  # W + delta of gate_up (3, 128, 64) and down (3, 64, 64)
 
     out.sum().backward()
     deltas = dict(wrapped.esft_delta["default"].items())
