@@ -110,22 +110,23 @@ class FusedExperts(ExpertsLayout):
         up, down = names[:2]
         sources = (selected, frozen)
 
-        def grouped(inputs: tuple[torch.Tensor, torch.Tensor], name: str, width: int) -> torch.Tensor:
-            out = inputs[0].new_empty(experts_sorted.numel(), width)
+        restore = torch.empty_like(split)  # position in (selected rows, other rows) -> position in base order
+        restore[split] = torch.arange(split.size(0), device=device)
+
+        def grouped(inputs: tuple[torch.Tensor, torch.Tensor], name: str) -> torch.Tensor:
+            rows = []
             for part in range(2):
                 bias = sources[part].get(f"{name}_bias")
-                rows = _grouped_linear(
+                rows.append(_grouped_linear(
                     inputs[part], sources[part][name], offsets[part],
                     bias=None if bias is None else bias[expert_rows[part]], is_transposed=target.is_transposed,
-                )
-                out.index_copy_(0, positions[part], rows)
-            return out
+                ))
+            return torch.cat(rows)[restore]  # back to the base's order (saves only the index for backward)
 
         tokens = perm // num_top_k
-        up_width = frozen[up].shape[-1] if target.is_transposed else frozen[up].shape[-2]
-        out = grouped(tuple(hidden[tokens[p]] for p in positions), up, up_width)
+        out = grouped(tuple(hidden[tokens[p]] for p in positions), up)
         out = target._apply_gate(out) if target.has_gate else target.act_fn(out)
-        out = grouped(tuple(out[p] for p in positions), down, hidden.size(-1))
+        out = grouped(tuple(out[p] for p in positions), down)
         if target.has_post_expert_norm:
             out = target.post_expert_norm(out)
         out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
