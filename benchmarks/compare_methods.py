@@ -6,7 +6,8 @@
 The model is DeepSeek-V2-Lite-shaped (64 routed + 2 shared experts, top-6, first layer dense) scaled down to run
 on CPU. Each method runs in its own subprocess so that its peak memory is its own: on CPU the peak RSS, in total
 and above the process's RSS before the model was built (the Python/torch libraries, the same for every method);
-on CUDA ``torch.cuda.max_memory_allocated``. ESFT trains 6 of 64 experts per MoE layer (9%, paper-like), chosen
+on CUDA ``torch.cuda.max_memory_allocated``. Two floors: "floor" freezes everything and back-propagates to the
+embeddings; "floor_moe" back-propagates only down to the first MoE layer, where ESFT's backward stops too. ESFT trains 6 of 64 experts per MoE layer (9%, paper-like), chosen
 by token scores on the benchmark data (the most-used experts, the costliest choice of that size);
 ``--esft-experts`` runs ESFT once per listed size.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("floor", "esft", "fft", "lora")
+METHODS = ("floor", "floor_moe", "esft", "fft", "lora")
 
 
 def build_model(layers: int):
@@ -65,18 +66,27 @@ def run_method(method: str, layers: int, steps: int, device: torch.device, esft_
     model = build_model(layers).to(device)
     ids = torch.randint(0, 2048, (4, 128), generator=torch.Generator().manual_seed(1)).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    share = None
     if method == "floor":
         model.requires_grad_(False)
         model.enable_input_require_grads()
+    elif method == "floor_moe":  # the backward starts where ESFT's does: at the first MoE layer
+        model.requires_grad_(False)
+        model.model.layers[model.config.first_k_dense_replace].register_forward_pre_hook(_leaf_input, with_kwargs=True)
     elif method == "esft":
         scores = score_experts(model, [batch], show_progress=False)
-        model = get_peft_model(model, ESFTConfig(experts=scores.select(score_function="token", top_k=esft_experts)))
+        experts = scores.select(score_function="token", top_k=esft_experts)
+        model = get_peft_model(model, ESFTConfig(experts=experts))
+        pairs = [sum(scores.expert_counts[layer][e] for e in ids) / sum(scores.expert_counts[layer])
+                 for layer, ids in experts.items()]
+        share = sum(pairs) / len(pairs)
     elif method == "lora":
         config = LoraConfig(r=8, target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
         model = get_peft_model(model, config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1) if method != "floor" else None
+    optimizer = None if method.startswith("floor") else torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95),
+                                                                           weight_decay=0.1)
     times = []
     for _ in range(steps + 2):
         synchronize(device)
@@ -88,7 +98,8 @@ def run_method(method: str, layers: int, steps: int, device: torch.device, esft_
         synchronize(device)
         times.append(time.perf_counter() - start)
     result = {
-        "trainable": sum(p.numel() for p in params) if method != "floor" else 0,
+        "share": share,
+        "trainable": sum(p.numel() for p in params) if not method.startswith("floor") else 0,
         "step_s": statistics.median(times[2:]),
         "optimizer_bytes": sum(t.numel() * t.element_size() for s in (optimizer.state.values() if optimizer else [])
                                for t in s.values() if torch.is_tensor(t)),
@@ -109,6 +120,13 @@ def run_method(method: str, layers: int, steps: int, device: torch.device, esft_
     return result
 
 
+def _leaf_input(module, args: tuple, kwargs: dict):
+    """Make a decoder layer's hidden-state input a leaf that requires grad: backward stops there."""
+    if args:
+        return (args[0].detach().requires_grad_(), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
@@ -123,7 +141,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     results = {}
-    runs = [("floor", 0), *(("esft", k) for k in args.esft_experts), ("fft", 0), ("lora", 0)]
+    runs = [("floor", 0), ("floor_moe", 0), *(("esft", k) for k in args.esft_experts), ("fft", 0), ("lora", 0)]
     for method, experts in runs:
         name = f"esft ({experts}/64)" if method == "esft" else method
         done = subprocess.run([sys.executable, __file__, "--method", method, "--layers", str(args.layers),
@@ -136,13 +154,13 @@ def main() -> None:
 
 
 def markdown_table(results: dict[str, dict]) -> str:
-    floor, fft = results["floor"], results["fft"]
+    floor, floor_moe, fft = results["floor"], results["floor_moe"], results["fft"]
     cpu = "peak_rss_mib" in fft
     memory = "peak RSS (MiB) | above baseline (MiB)" if cpu else "max allocated (MiB)"
     rows = [
-        f"| method | trainable params | step (s) | x floor | x FFT | {memory} | x FFT | optimizer state (MiB) "
-        "| saved (MiB) | x FFT | merge (s) |",
-        "| --- " * (12 if cpu else 11) + "|",
+        f"| method | share of routed pairs | trainable params | step (s) | x floor | x floor from MoE | x FFT | "
+        f"{memory} | x FFT | optimizer state (MiB) | saved (MiB) | x FFT | merge (s) |",
+        "| --- " * (14 if cpu else 13) + "|",
     ]
     for method, r in results.items():
         disk = r.get("disk_bytes")
@@ -150,9 +168,10 @@ def markdown_table(results: dict[str, dict]) -> str:
         saved_ratio = "" if disk is None else f"{disk / fft['disk_bytes']:.3f}"
         peak = (f"{r['peak_rss_mib']:.0f} | " if cpu else "") + f"{r['peak_mib']:.0f}"
         merge = f"{r['merge_s']:.2f}" if "merge_s" in r else ""
+        share = "" if r.get("share") is None else f"{r['share']:.1%}"
         rows.append(
-            f"| {method} | {r['trainable']:,} | {r['step_s']:.3f} | {r['step_s'] / floor['step_s']:.2f} | "
-            f"{r['step_s'] / fft['step_s']:.2f} | {peak} | {r['peak_mib'] / fft['peak_mib']:.2f} | "
+            f"| {method} | {share} | {r['trainable']:,} | {r['step_s']:.3f} | {r['step_s'] / floor['step_s']:.2f} | "
+            f"{r['step_s'] / floor_moe['step_s']:.2f} | {r['step_s'] / fft['step_s']:.2f} | {peak} | {r['peak_mib'] / fft['peak_mib']:.2f} | "
             f"{r['optimizer_bytes'] / 2**20:.1f} | {saved} | {saved_ratio} | {merge} |"
         )
     return "\n".join(rows)
