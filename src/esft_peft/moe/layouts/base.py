@@ -46,6 +46,42 @@ def ids_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
+class _PermuteRows(torch.autograd.Function):
+    """``x.index_select(0, order)`` for a permutation ``order``; its backward is the inverse gather, not the
+    accumulating scatter advanced indexing uses (which is slow on CPU)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` in ``order`` (a permutation whose inverse is ``inverse``)."""
+    return _PermuteRows.apply(x, order, inverse)
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.size(0), device=order.device)
+    return inverse
+
+
+def expert_rows(weight: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """``weight[ids]`` along the expert dimension: a view when the ids are consecutive (all experts, a range), a copy of
+    just those experts otherwise."""
+    first = ids[0]
+    if ids == list(range(first, first + len(ids))):
+        return weight[first : first + len(ids)]
+    return weight[ids_tensor(tuple(ids), weight.device)]
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The base module behind a peft tuner layer (or the module itself)."""
     get_base_layer = getattr(module, "get_base_layer", None)

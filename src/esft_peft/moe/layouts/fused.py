@@ -25,8 +25,11 @@ from .base import (
     RecordRouting,
     bind_arguments,
     call_arguments,
+    expert_rows,
     ids_tensor,
+    inverse_permutation,
     is_experts_name,
+    permute_rows,
     watch_experts_input,
     with_delta,
 )
@@ -99,40 +102,37 @@ class FusedExperts(ExpertsLayout):
         other_counts = counts.index_fill(0, chosen, 0)
         selected_pairs = int(selected_counts.sum())  # the split point: the one host read this forward adds
         split = torch.sort(group, stable=True).indices  # selected pairs by j, then the others in base order
-        positions = (split[:selected_pairs], split[selected_pairs:])
         offsets = (torch.cumsum(selected_counts, 0, dtype=torch.int32), torch.cumsum(other_counts, 0, dtype=torch.int32))
-        expert_rows = (group[positions[0]], experts_sorted[positions[1]])
+        row_experts = (group[split[:selected_pairs]], experts_sorted[split[selected_pairs:]])
 
         names = self._names(target)
         frozen = {name: getattr(target, name) for name in names}
         # The selected experts' weights: W[e] + delta[e], formed once per forward (k experts, nothing more).
-        selected = {name: with_delta(frozen[name][chosen], deltas[name]) for name in names}
+        selected = {name: with_delta(expert_rows(frozen[name], ids), deltas[name]) for name in names}
         up, down = names[:2]
         sources = (selected, frozen)
 
-        restore = torch.empty_like(split)  # position in (selected rows, other rows) -> position in base order
-        restore[split] = torch.arange(split.size(0), device=device)
+        restore = inverse_permutation(split)  # position in (selected rows, other rows) -> position in base order
+        sizes = [selected_pairs, split.size(0) - selected_pairs]
 
-        def grouped(inputs: tuple[torch.Tensor, torch.Tensor], name: str) -> torch.Tensor:
+        def grouped(inputs: list[torch.Tensor], name: str) -> torch.Tensor:
             rows = []
             for part in range(2):
                 bias = sources[part].get(f"{name}_bias")
                 rows.append(_grouped_linear(
                     inputs[part], sources[part][name], offsets[part],
-                    bias=None if bias is None else bias[expert_rows[part]], is_transposed=target.is_transposed,
+                    bias=None if bias is None else bias[row_experts[part]], is_transposed=target.is_transposed,
                 ))
-            return torch.cat(rows)[restore]  # back to the base's order (saves only the index for backward)
+            return permute_rows(torch.cat(rows), restore, split)  # back to the base's order
 
-        tokens = perm // num_top_k
-        out = grouped(tuple(hidden[tokens[p]] for p in positions), up)
+        inverse = inverse_permutation(perm)
+        out = grouped(hidden.index_select(0, (perm // num_top_k)[split]).split(sizes), up)
         out = target._apply_gate(out) if target.has_gate else target.act_fn(out)
-        out = grouped(tuple(out[p] for p in positions), down)
+        out = grouped(permute_rows(out, split, restore).split(sizes), down)
         if target.has_post_expert_norm:
             out = target.post_expert_norm(out)
-        out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.size(0), device=device)
-        out = out[inverse].view(num_tokens, num_top_k, -1).sum(dim=1)
+        out = out * permute_rows(top_k_weights.reshape(-1), perm, inverse).unsqueeze(-1)
+        out = permute_rows(out, inverse, perm).view(num_tokens, num_top_k, -1).sum(dim=1)
         return out.to(hidden.dtype).view(*shape[:-1], -1)
 
     def watch_routing(self, model: nn.Module, layer: Any, record: RecordRouting) -> RemovableHandle:
