@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from esft_peft import find_moe_layers
 from esft_peft.defaults import EXPERT_CONFIG_NAME
+from esft_peft.moe.errors import UnsupportedLayoutError
 from esft_peft.interop.official import (
-    UnsupportedLayoutError,
     convert_from_official,
     convert_to_official,
     load_official_adapter,

@@ -34,7 +34,6 @@ from torch import nn
 
 from ..defaults import EXPERT_CONFIG_NAME, OFFICIAL_WEIGHTS_NAME
 from ..moe.discovery import MoELayer, find_moe_layers
-from ..moe.errors import UnsupportedLayoutError
 from ..moe.layouts.base import PROJECTIONS, unwrap, with_delta
 from ..tuners.esft.config import ESFTConfig
 from .files import atomic_directory_write

@@ -17,7 +17,9 @@ from .jetmoe import JetMoeExperts
 from .llama4 import Llama4Experts
 from .module_list import ModuleListExperts
 
-LAYOUTS: tuple[ExpertsLayout, ...] = (FusedExperts(), DbrxExperts(), Llama4Experts(), JetMoeExperts(), ModuleListExperts())
+LAYOUTS: tuple[ExpertsLayout, ...] = (
+    FusedExperts(), DbrxExperts(), Llama4Experts(), JetMoeExperts(), ModuleListExperts()
+)
 BY_KIND: dict[str, ExpertsLayout] = {layout.kind: layout for layout in LAYOUTS}
 
 

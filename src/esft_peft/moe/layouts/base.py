@@ -27,7 +27,6 @@ from ..errors import RoutingReadError, UnsupportedLayoutError
 from ..partitioned import logical_shape
 
 Deltas = dict[str, torch.Tensor]  # parameter name -> (k, *per-expert shape) rows, aligned with the selected ids
-Routing = tuple[torch.Tensor, torch.Tensor]  # (top_k_index[T, K] long, top_k_weights[T, K])
 RecordRouting = Callable[[torch.Tensor, torch.Tensor], None]
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # the official ESFT format's per-expert projections
 
@@ -164,7 +163,9 @@ class ExpertsLayout(ABC):
 
     # ------------------------------------------------------------------------------------------------ interop
 
-    def official_projections(self, layer: Any, experts: nn.Module, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def official_projections(
+        self, layer: Any, experts: nn.Module, rows: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """One expert's gate/up/down weights in ``nn.Linear`` orientation (out, in), as views of ``rows`` (this
         expert's tensors keyed like :meth:`expert_views`: base rows or delta rows)."""
         raise UnsupportedLayoutError(

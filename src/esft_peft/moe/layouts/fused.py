@@ -102,7 +102,7 @@ class FusedExperts(ExpertsLayout):
         other_counts = counts.index_fill(0, chosen, 0)
         selected_pairs = int(selected_counts.sum())  # the split point: the one host read this forward adds
         split = torch.sort(group, stable=True).indices  # selected pairs by j, then the others in base order
-        offsets = (torch.cumsum(selected_counts, 0, dtype=torch.int32), torch.cumsum(other_counts, 0, dtype=torch.int32))
+        offsets = tuple(torch.cumsum(c, 0, dtype=torch.int32) for c in (selected_counts, other_counts))
         row_experts = (group[split[:selected_pairs]], experts_sorted[split[selected_pairs:]])
 
         names = self._names(target)
@@ -138,7 +138,9 @@ class FusedExperts(ExpertsLayout):
     def watch_routing(self, model: nn.Module, layer: Any, record: RecordRouting) -> RemovableHandle:
         return watch_experts_input(model.get_submodule(layer.experts_name), layer.key, record)
 
-    def official_projections(self, layer: Any, experts: nn.Module, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def official_projections(
+        self, layer: Any, experts: nn.Module, rows: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         if not experts.has_gate or not experts.is_concatenated or experts.has_bias:
             raise UnsupportedLayoutError(
                 f"Layer {layer.key}: {type(experts).__name__} stores experts with has_gate={experts.has_gate}, "

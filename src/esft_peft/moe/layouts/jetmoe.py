@@ -22,8 +22,9 @@ LINEARS = ("input_linear", "output_linear")
 
 
 def _is_parallel_linear(module: nn.Module) -> bool:
-    weight = getattr(unwrap(module), "weight", None)
-    return isinstance(weight, nn.Parameter) and len(logical_shape(weight)) == 3 and hasattr(unwrap(module), "num_experts")
+    module = unwrap(module)
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, nn.Parameter) and len(logical_shape(weight)) == 3 and hasattr(module, "num_experts")
 
 
 class JetMoeExperts(ExpertsLayout):

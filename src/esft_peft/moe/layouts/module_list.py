@@ -85,7 +85,9 @@ class ModuleListExperts(ExpertsLayout):
 
         return router_of(model, layer).register_forward_hook(hook)
 
-    def official_projections(self, layer: Any, experts: nn.Module, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def official_projections(
+        self, layer: Any, experts: nn.Module, rows: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         if not set(PROJECTIONS) <= set(rows):
             raise UnsupportedLayoutError(
                 f"Layer {layer.key}: ModuleList experts without gate_proj/up_proj/down_proj ({sorted(rows)})."

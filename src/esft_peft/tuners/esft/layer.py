@@ -271,7 +271,8 @@ class ModuleDeltaLayer(nn.Module, ESFTLayer):
                     raise ValueError(f"NaNs/Infs detected when merging adapter {adapter!r}; nothing was merged.")
                 for name, value in merged.items():
                     params[name].copy_(value)
-                    _report_merge_loss(name, adapter, self.esft_delta[adapter][name], value.float() - backup[name].float())
+                    applied = value.float() - backup[name].float()
+                    _report_merge_loss(name, adapter, self.esft_delta[adapter][name], applied)
                 self._merge_backup[adapter] = backup
                 self.merged_adapters.append(adapter)
 
