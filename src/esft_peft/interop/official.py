@@ -69,6 +69,15 @@ def _projections(model: nn.Module, layer: MoELayer, expert: int, adapter: Option
     return layer.layout.official_projections(layer, experts, _expert_rows(model, layer, expert, adapter))
 
 
+def _expert_projections(peft_model: PeftModel, config: ESFTConfig, layers: dict[str, MoELayer], adapter: str):
+    """For every selected expert: ``(layer, expert, base projections, delta projections)``, official orientation."""
+    model = peft_model.base_model.model
+    for layer_key, ids in config.experts.items():
+        for expert in ids:
+            base = _projections(model, layers[layer_key], expert)
+            yield layer_key, expert, base, _projections(model, layers[layer_key], expert, adapter)
+
+
 def _check_official_config(config: ESFTConfig) -> None:
     if config.train_shared_experts or config.train_non_expert_modules or config.train_router or config.modules_to_save:
         raise ValueError(
@@ -123,22 +132,18 @@ def load_official_adapter(
     peft_model = get_peft_model(base_model, config, adapter_name=adapter_name)
     inexact = 0
     with torch.no_grad():
-        for layer_key, ids in config.experts.items():
-            for expert in ids:
-                model = peft_model.base_model.model
-                base = _projections(model, layers[layer_key], expert)
-                delta = _projections(model, layers[layer_key], expert, adapter_name)
-                for projection in PROJECTIONS:
-                    official = weights[(layer_key, expert, projection)]
-                    if official.shape != base[projection].shape:
-                        raise ValueError(
-                            f"Layer {layer_key} expert {expert} {projection}: official weight has shape "
-                            f"{tuple(official.shape)}, the base model {tuple(base[projection].shape)}."
-                        )
-                    value = official.to(delta[projection].dtype) - base[projection].to(delta[projection].dtype)
-                    delta[projection].copy_(value)
-                    rebuilt = with_delta(base[projection], delta[projection]).to(official.dtype)
-                    inexact += int((rebuilt != official).sum())
+        for layer_key, expert, base, delta in _expert_projections(peft_model, config, layers, adapter_name):
+            for projection in PROJECTIONS:
+                official = weights[(layer_key, expert, projection)]
+                if official.shape != base[projection].shape:
+                    raise ValueError(
+                        f"Layer {layer_key} expert {expert} {projection}: official weight has shape "
+                        f"{tuple(official.shape)}, the base model {tuple(base[projection].shape)}."
+                    )
+                value = official.to(delta[projection].dtype) - base[projection].to(delta[projection].dtype)
+                delta[projection].copy_(value)
+                rebuilt = with_delta(base[projection], delta[projection]).to(official.dtype)
+                inexact += int((rebuilt != official).sum())
     if inexact:
         logger.warning("%d official weight values are not reproduced bit-exactly by base + delta.", inexact)
     return peft_model
@@ -155,14 +160,10 @@ def official_state_dict(peft_model: PeftModel, adapter_name: str = "default") ->
     layers = find_moe_layers(peft_model.base_model.model)
     state = {}
     with torch.no_grad():
-        for layer_key, ids in config.experts.items():
-            for expert in ids:
-                model = peft_model.base_model.model
-                base = _projections(model, layers[layer_key], expert)
-                delta = _projections(model, layers[layer_key], expert, adapter_name)
-                for projection in PROJECTIONS:
-                    full = with_delta(base[projection], delta[projection])
-                    state[official_key(layer_key, expert, projection)] = full.contiguous()
+        for layer_key, expert, base, delta in _expert_projections(peft_model, config, layers, adapter_name):
+            for projection in PROJECTIONS:
+                full = with_delta(base[projection], delta[projection])
+                state[official_key(layer_key, expert, projection)] = full.contiguous()
     return state
 
 

@@ -94,6 +94,36 @@ class ESFTLayer(BaseTunerLayer):
             return []
         return [] if self.merged else [name for name in self.active_adapters if name in self.esft_delta]
 
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write ``W + delta`` (:func:`with_delta`, the weights the forward uses) into the base; the replaced
+        weights are kept so that :meth:`unmerge` restores them bit for bit."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        with torch.no_grad():
+            for adapter in adapter_names:
+                if adapter not in self.esft_delta:
+                    continue
+                backup = {name: weight.detach().clone() for name, weight in self.base_weights(adapter).items()}
+                merged = {name: with_delta(backup[name], delta) for name, delta in self.esft_delta[adapter].items()}
+                if safe_merge and not all(torch.isfinite(t).all() for t in merged.values()):
+                    raise ValueError(f"NaNs/Infs detected when merging adapter {adapter!r}; nothing was merged.")
+                for name, value in merged.items():
+                    self._write_base_weights(adapter, name, value)
+                    applied = value.float() - backup[name].float()
+                    _report_merge_loss(self._describe(adapter, name), adapter, self.esft_delta[adapter][name], applied)
+                self._merge_backup[adapter] = backup
+                self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Restore the exact base weights saved at merge time (bit-identical round trip)."""
+        if not self.merged:
+            logger.warning("Already unmerged. Nothing to do.")
+            return
+        with torch.no_grad():
+            while self.merged_adapters:
+                adapter = self.merged_adapters.pop()
+                for name, saved in self._merge_backup.pop(adapter).items():
+                    self._write_base_weights(adapter, name, saved)
+
 
 class ExpertsDeltaLayer(nn.Module, ESFTLayer):
     """Wraps an experts container; holds one zero-initialised delta row per *selected* expert.
@@ -170,42 +200,12 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         finally:
             vars(base).pop("forward", None)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        views = self.layout.expert_views(self.get_base_layer())
-        with torch.no_grad():
-            for adapter in adapter_names:
-                if adapter not in self.esft_delta:
-                    continue
-                index = torch.tensor(self.esft_expert_ids[adapter], device=self._base_param().device)
-                backup, merged = {}, {}
-                for name, view in views.items():
-                    delta = self.esft_delta[adapter][name]
-                    backup[name] = view[index].clone()
-                    merged[name] = with_delta(backup[name], delta)
-                    if safe_merge and not torch.isfinite(merged[name]).all():
-                        raise ValueError(f"NaNs/Infs detected when merging adapter {adapter!r}; nothing was merged.")
-                for name, view in views.items():
-                    view[index] = merged[name]
-                    _report_merge_loss(
-                        f"experts {self.esft_expert_ids[adapter]} ({name})", adapter,
-                        self.esft_delta[adapter][name], merged[name].float() - backup[name].float(),
-                    )
-                self._merge_backup[adapter] = backup
-                self.merged_adapters.append(adapter)
+    def _write_base_weights(self, adapter: str, name: str, value: torch.Tensor) -> None:
+        index = torch.tensor(self.esft_expert_ids[adapter], device=self._base_param().device)
+        self.layout.expert_views(self.get_base_layer())[name][index] = value
 
-    def unmerge(self) -> None:
-        """Restore the exact base weights saved at merge time (bit-identical round trip)."""
-        if not self.merged:
-            logger.warning("Already unmerged. Nothing to do.")
-            return
-        views = self.layout.expert_views(self.get_base_layer())
-        with torch.no_grad():
-            while self.merged_adapters:
-                adapter = self.merged_adapters.pop()
-                index = torch.tensor(self.esft_expert_ids[adapter], device=self._base_param().device)
-                for name, saved in self._merge_backup.pop(adapter).items():
-                    views[name][index] = saved
+    def _describe(self, adapter: str, name: str) -> str:
+        return f"experts {self.esft_expert_ids[adapter]} ({name})"
 
     def __repr__(self) -> str:
         selected = {name: ids for name, ids in self.esft_expert_ids.items()}
@@ -258,34 +258,11 @@ class ModuleDeltaLayer(nn.Module, ESFTLayer):
             return self.base_layer(*args, **kwargs)
         return _call_with_deltas(self.get_base_layer(), self.combined_deltas(active), args, kwargs)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        params = dict(self.get_base_layer().named_parameters(recurse=False))
-        with torch.no_grad():
-            for adapter in adapter_names:
-                if adapter not in self.esft_delta:
-                    continue
-                backup = {name: params[name].detach().clone() for name in self.esft_delta[adapter]}
-                merged = {name: with_delta(backup[name], delta) for name, delta in self.esft_delta[adapter].items()}
-                if safe_merge and not all(torch.isfinite(t).all() for t in merged.values()):
-                    raise ValueError(f"NaNs/Infs detected when merging adapter {adapter!r}; nothing was merged.")
-                for name, value in merged.items():
-                    params[name].copy_(value)
-                    applied = value.float() - backup[name].float()
-                    _report_merge_loss(name, adapter, self.esft_delta[adapter][name], applied)
-                self._merge_backup[adapter] = backup
-                self.merged_adapters.append(adapter)
+    def _write_base_weights(self, adapter: str, name: str, value: torch.Tensor) -> None:
+        dict(self.get_base_layer().named_parameters(recurse=False))[name].copy_(value)
 
-    def unmerge(self) -> None:
-        """Restore the exact base weights saved at merge time (bit-identical round trip)."""
-        if not self.merged:
-            logger.warning("Already unmerged. Nothing to do.")
-            return
-        params = dict(self.get_base_layer().named_parameters(recurse=False))
-        with torch.no_grad():
-            while self.merged_adapters:
-                for name, saved in self._merge_backup.pop(self.merged_adapters.pop()).items():
-                    params[name].copy_(saved)
+    def _describe(self, adapter: str, name: str) -> str:
+        return name
 
     def __repr__(self) -> str:
         return f"esft.{type(self).__name__}(adapters={sorted(self.esft_delta)})\n  ({self.get_base_layer()!r})"
