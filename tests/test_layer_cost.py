@@ -38,11 +38,10 @@ def test_wrapped_layer_saves_no_expert_sized_copy():
     activations = {ptr: size for ptr, size in saved.items() if ptr not in param_ptrs}
     # parametrize-style injection would save W + delta for all experts (== fused_bytes); here nothing comes close.
     assert activations and max(activations.values()) < 0.25 * fused_bytes, (max(activations.values()), fused_bytes)
-    # Beyond the frozen layer's own saved activations: the 3 selected experts' W + delta, and one copy of the
-    # intermediate activations (S x I, gathered per path for the down projections). Nothing else.
+    # Beyond the frozen layer's own saved activations: the 3 selected experts' W + delta and a few index tensors
+    # (measured: 821,388 bytes against 665,728, of which 147,456 are W + delta).
     selected_bytes = 3 * fused_bytes // 32
-    intermediate_bytes = index.numel() * 64 * hidden.element_size()
-    assert sum(activations.values()) - frozen_bytes <= selected_bytes + intermediate_bytes
+    assert sum(activations.values()) - frozen_bytes <= selected_bytes + 16 * 1024
     assert {98304, 49152} <= set(activations.values())  # W + delta of gate_up (3, 128, 64) and down (3, 64, 64)
 
     out.sum().backward()
