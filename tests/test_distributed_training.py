@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -30,15 +32,26 @@ ROOT = Path(__file__).parent.parent
 TOLERANCES = {"float32": (1e-5, 1e-5), "bfloat16": (1e-4, 2e-2)}  # (loss atol, delta relative norm)
 
 
+# A launched process killed by a signal (SIGABRT, SIGSEGV) before our script raised anything. Seen once in ~20
+# full-suite runs on a loaded 2-core machine ("terminate called without an active exception" in a gloo rank,
+# no Python traceback); such a launch is retried once. Any failure our script reports is not retried.
+SIGNAL_DEATH = re.compile(r"exitcode\s*:\s*-\d+ \(pid: \d+\)\s*\(SIG(ABRT|SEGV|BUS)\)")
+
+
 def accelerate_launch(args: list, timeout: int = 300) -> None:
-    with socket.socket() as probe:  # a free port, so that parallel test workers do not collide
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests")}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-               "--main_process_port", str(port), "--dynamo_backend", "no", *map(str, args)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    for attempt in range(2):
+        with socket.socket() as probe:  # a free port, so that parallel test workers do not collide
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests")}
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+                   "--main_process_port", str(port), "--dynamo_backend", "no", *map(str, args)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        output = done.stdout[-3000:] + done.stderr[-5000:]
+        if done.returncode == 0 or attempt == 1 or not SIGNAL_DEATH.search(output):
+            break
+        warnings.warn(f"accelerate launch: a process died by a signal; retrying once.\n{output[-1500:]}")
+    assert done.returncode == 0, output
 
 
 def assert_adapters_match(single: Path, distributed: Path, relative: float) -> None:
