@@ -13,10 +13,71 @@ from typing import Any, Callable, Optional, Union
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 PathLike = Union[str, os.PathLike]
+SAFETENSORS_FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 class CorruptAdapterError(ValueError):
     """An adapter weights file is unreadable, truncated or not safetensors."""
+
+
+class OutputPathError(ValueError):
+    """An output path would replace user files or an input checkpoint."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normal_permissions(path: Path, directory: bool) -> None:
+    """Give a temporary file/directory the permissions a plain ``open``/``mkdir`` would (0644/0755 by default)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def _is_within(path: Path, other: Path) -> bool:
+    return path == other or other in path.parents
+
+
+def check_output_path(
+    out: PathLike, *, inputs: tuple[Optional[PathLike], ...] = (), overwrite: bool = False, directory: bool = True
+) -> Path:
+    """Refuse an output path that would lose data, before any work starts.
+
+    ``out`` may not be, contain or lie inside a local input (a base checkpoint, an adapter, a data file). An
+    existing non-empty directory (or, for a file output, an existing file) is only replaced with ``overwrite``.
+
+    Raises:
+        OutputPathError: naming the conflict and how to resolve it.
+    """
+    out = Path(out).expanduser()
+    target = out.resolve()
+    for source in inputs:
+        if source is None or not Path(source).expanduser().exists():
+            continue  # a Hub id, not a local path
+        source_path = Path(source).expanduser().resolve()
+        if _is_within(target, source_path) or _is_within(source_path, target):
+            raise OutputPathError(
+                f"the output {out} overlaps the input {source}: writing it would overwrite or delete the input. "
+                "Choose an output path outside every input."
+            )
+    if directory:
+        if out.exists() and not out.is_dir():
+            raise OutputPathError(f"the output {out} is an existing file, not a directory. Choose a directory path.")
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise OutputPathError(
+                f"the output directory {out} already exists and is not empty. Choose a new directory, or pass "
+                "--overwrite (overwrite=True) to replace it and everything in it."
+            )
+    else:
+        if out.is_dir():
+            raise OutputPathError(f"the output {out} is a directory; give a file path.")
+        if out.exists() and not overwrite:
+            raise OutputPathError(
+                f"the output file {out} already exists. Choose a new path, or pass --overwrite (overwrite=True) to "
+                "replace it."
+            )
+    return out
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
@@ -27,6 +88,7 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
+        _normal_permissions(Path(tmp), directory=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -37,11 +99,16 @@ def _temporary_directory_next_to(out_dir: PathLike) -> Path:
     """A new temporary directory in the parent of ``out_dir`` (same filesystem, so renames are atomic)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    _normal_permissions(tmp, directory=True)
+    return tmp
 
 
 def publish_directory(tmp: Path, out_dir: PathLike) -> None:
-    """Replace ``out_dir`` by the finished temporary directory ``tmp`` (atomic rename; an old ``out_dir`` is removed)."""
+    """Move the finished temporary directory ``tmp`` to ``out_dir`` (atomic rename; an old ``out_dir`` is removed).
+
+    Callers check first (:func:`check_output_path`) that an existing ``out_dir`` may be replaced.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -54,8 +121,13 @@ def publish_directory(tmp: Path, out_dir: PathLike) -> None:
         os.replace(tmp, out_dir)
 
 
-def atomic_directory_write(out_dir: PathLike, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_dir)`` and move the result to ``out_dir`` atomically; nothing is left behind on failure."""
+def atomic_directory_write(out_dir: PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Run ``write(tmp_dir)`` and move the result to ``out_dir`` atomically; nothing is left behind on failure.
+
+    An existing non-empty ``out_dir`` is refused (:class:`OutputPathError`) unless ``overwrite``, checked before
+    ``write`` runs; with ``overwrite`` it is replaced as a whole once the new directory is complete.
+    """
+    check_output_path(out_dir, overwrite=overwrite)
     tmp = _temporary_directory_next_to(out_dir)
     try:
         write(tmp)
@@ -99,8 +171,17 @@ def verify_safetensors(path: PathLike) -> dict[str, Any]:
     return header
 
 
-def check_adapter_weights(model_id: PathLike, subfolder: Optional[str] = None, **hub_kwargs: Any) -> None:
-    """Refuse pickle-only adapters and check the safetensors weights of a local or Hub adapter before loading."""
+def check_adapter_weights(
+    model_id: PathLike, subfolder: Optional[str] = None, **hub_kwargs: Any
+) -> Optional[tuple[Path, dict[str, Any]]]:
+    """Refuse pickle-only adapters and check the safetensors weights of a local or Hub adapter before loading.
+
+    Every tensor must be floating point and finite. Returns ``(weights path, safetensors header)``, or None when
+    the directory has no weights file (peft reports that itself).
+
+    Raises:
+        CorruptAdapterError: a pickle-only, truncated or unreadable file, integer tensors, or NaN/inf values.
+    """
     local = Path(model_id, subfolder) if subfolder else Path(model_id)
     if local.is_dir():
         weights = local / SAFETENSORS_WEIGHTS_NAME
@@ -110,16 +191,49 @@ def check_adapter_weights(model_id: PathLike, subfolder: Optional[str] = None, *
                     f"{local} holds only {WEIGHTS_NAME} (a pickle). ESFT adapters are loaded from safetensors only; "
                     f"convert it with a trusted tool to {SAFETENSORS_WEIGHTS_NAME}."
                 )
-            return  # peft reports the missing file itself
-        verify_safetensors(weights)
-        return
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
 
-    try:
-        weights = hf_hub_download(str(model_id), SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
-    except EntryNotFoundError:
+        try:
+            weights = Path(hf_hub_download(str(model_id), SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs))
+        except EntryNotFoundError:
+            raise CorruptAdapterError(
+                f"The Hub repo {model_id} has no {SAFETENSORS_WEIGHTS_NAME}; ESFT adapters are loaded from safetensors "
+                "only."
+            ) from None
+    header = verify_safetensors(weights)
+    _check_float_tensors(header, weights)
+    _check_finite(weights)
+    return weights, header
+
+
+def _check_float_tensors(header: dict[str, Any], path: Path) -> None:
+    bad = {key: value.get("dtype") for key, value in header.items()
+           if key != "__metadata__" and value.get("dtype") not in SAFETENSORS_FLOAT_DTYPES}
+    if bad:
+        key, dtype = next(iter(bad.items()))
         raise CorruptAdapterError(
-            f"The Hub repo {model_id} has no {SAFETENSORS_WEIGHTS_NAME}; ESFT adapters are loaded from safetensors only."
-        ) from None
-    verify_safetensors(weights)
+            f"{path}: {len(bad)} tensor(s) are not floating point (e.g. {key} is {dtype}); adapter weights are float "
+            "tensors. The file is not an adapter of this kind, or was written wrongly; re-save it with save_pretrained."
+        )
+
+
+def _check_finite(path: Path) -> None:
+    import torch
+    from safetensors import safe_open
+
+    counts = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            bad = int((~torch.isfinite(handle.get_tensor(key))).sum())
+            if bad:
+                counts[key] = bad
+    if counts:
+        key, bad = next(iter(counts.items()))
+        raise CorruptAdapterError(
+            f"{path}: {sum(counts.values())} NaN/inf value(s) in {len(counts)} tensor(s) (e.g. {bad} in {key}). The "
+            "adapter's training diverged or the file is damaged; loading it would give NaN outputs. Retrain (lower "
+            "the learning rate) or use an earlier checkpoint."
+        )

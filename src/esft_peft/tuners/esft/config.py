@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import operator
 import os
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
@@ -14,6 +16,7 @@ from peft.utils import PeftType
 from ...moe.layer_keys import normalize_layer_key, sorted_layer_keys
 
 PEFT_TYPE_NAME = "ESFT"
+SAVED_HEADER_ATTRIBUTE = "_esft_saved_header"  # a loaded adapter's safetensors header (checked at injection)
 ExpertMap = dict[Union[int, str], list[int]]
 
 
@@ -136,10 +139,37 @@ class ESFTConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
-        """Load ``adapter_config.json`` and check that the adapter weights are a sound safetensors file."""
+        """Load ``adapter_config.json`` and check the adapter weights file (sound safetensors, float, finite).
+
+        The file's header is kept on the config, so the injection compares every tensor with the base model before
+        any weight is loaded.
+        """
         from ...interop.files import check_adapter_weights
 
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         hub_kwargs, _, _ = cls._split_kwargs(kwargs)
-        check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        found = check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        if found is not None:
+            if not config.base_layout:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path}: adapter_config.json has no `base_layout`, so the adapter cannot be "
+                    "checked against a base model. It was not written by esft-peft's save_pretrained (or the field was "
+                    "removed): re-save it with esft-peft, or import an official ESFT adapter with "
+                    "`esft-peft convert --from-official`."
+                )
+            setattr(config, SAVED_HEADER_ATTRIBUTE, found[1])
         return config
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
+        """Write ``adapter_config.json``; warn when the weights beside it were saved as a pickle (unloadable)."""
+        from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+        super().save_pretrained(save_directory, **kwargs)
+        directory = Path(save_directory)
+        if (directory / WEIGHTS_NAME).is_file() and not (directory / SAFETENSORS_WEIGHTS_NAME).is_file():
+            warnings.warn(
+                f"The ESFT adapter in {directory} was saved with safe_serialization=False ({WEIGHTS_NAME}, a pickle). "
+                "esft-peft loads adapters from safetensors only, so it cannot be loaded back; save with "
+                "safe_serialization=True (the default).",
+                stacklevel=3,
+            )

@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import ESFTConfig
 from .layer import ESFTLayer, ExpertsDeltaLayer, ModuleDeltaLayer
+from .saved import check_saved_adapter
 from .targets import plan_targets
 
 PLAN_ATTRIBUTE = "_esft_plan"
@@ -24,7 +25,9 @@ class ESFTModel(BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
 
     def _prepare_adapter_config(self, peft_config: ESFTConfig, model_config: dict) -> ESFTConfig:
-        setattr(peft_config, PLAN_ATTRIBUTE, plan_targets(self.model, peft_config))
+        plan = plan_targets(self.model, peft_config)
+        check_saved_adapter(self.model, peft_config, plan)
+        setattr(peft_config, PLAN_ATTRIBUTE, plan)
         return peft_config
 
     def _check_target_module_exists(self, peft_config: ESFTConfig, key: str) -> bool:
