@@ -101,7 +101,8 @@ def test_score_select_train_merge_convert_push(workspace, tmp_path, capsys, monk
                           "--out", tmp_path / "expert_cfg.json"], capsys)
     assert code == 0, err
     expert_config = json.loads((tmp_path / "expert_cfg.json").read_text())
-    assert set(expert_config) == {"experts", "shared_experts", "non_expert_modules"} and expert_config["experts"]["0"]
+    assert set(expert_config) == {"experts", "shared_experts", "non_expert_modules", "num_experts"}
+    assert expert_config["experts"]["0"]
 
     code, out, err = run(["train", "--model", model, "--data", data, "--expert-config", tmp_path / "expert_cfg.json",
                           "--out", tmp_path / "adapter", "--max-steps", "2", "--batch-size", "4",

@@ -8,6 +8,7 @@ the traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -16,12 +17,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..conversations import encode_conversation
-from ..defaults import PAPER_SEQUENCE_LENGTH, PAPER_TOKEN_BUDGET, PAPER_TOP_P
+from ..defaults import EXPERT_CONFIG_NAME, PAPER_SEQUENCE_LENGTH, PAPER_TOKEN_BUDGET, PAPER_TOP_P
 
 logger = logging.getLogger("esft_peft.cli")
 
 DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SAMPLE_LINE = '{"text": "Question: 2+2? Answer: 4"}'
+IGNORE_INDEX = -100
 EXAMPLES = """examples:
   esft-peft score --model deepseek-ai/ESFT-vanilla-lite --data train.jsonl --out scores.json --heatmap scores.png
   esft-peft select --scores scores.json --score-function token --top-p 0.2 --out expert_cfg.json
@@ -40,14 +43,14 @@ class CLIError(Exception):
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def load_model(name_or_path: str, dtype: str = "auto", device: Optional[str] = None):
+def load_model(name_or_path: str, dtype: str = "auto", device: Optional[str] = None, trust_remote_code: bool = False):
     """A causal LM from a Hub id or a local directory."""
     import torch
     from transformers import AutoModelForCausalLM
 
     _check_model_source(name_or_path)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if device:
         model = model.to(device)
     return model.eval()
@@ -57,6 +60,7 @@ def load_tokenizer(name_or_path: str, chat_template: Optional[str] = None):
     """The tokenizer of ``name_or_path``; ``chat_template`` (a Jinja file) replaces its chat template."""
     from transformers import AutoTokenizer
 
+    _check_model_source(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if chat_template:
         tokenizer.chat_template = _read_file(chat_template)
@@ -66,10 +70,20 @@ def load_tokenizer(name_or_path: str, chat_template: Optional[str] = None):
 
 
 def _check_model_source(name_or_path: str) -> None:
-    path = Path(name_or_path)
+    """A local directory that exists, or something that can be a Hub repo id; else a one-line error."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return
     looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
-    if looks_local and not path.exists():
-        raise CLIError(f"model or adapter directory not found: {name_or_path}")
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        looks_local = True
+    if looks_local:
+        raise CLIError(f"model or adapter directory not found: {name_or_path} (no such local path, and not a Hub "
+                       "repo id of the form 'org/name'); check the path")
 
 
 def _read_file(path: str) -> str:
@@ -87,6 +101,8 @@ def load_records(data: str, split: str = "train", limit: Optional[int] = None):
         fmt = DATA_FORMATS.get(path.suffix.lower())
         if fmt is None:
             raise CLIError(f"unsupported data file {data}: use one of {', '.join(DATA_FORMATS)}")
+        if path.stat().st_size == 0 or not path.read_bytes().strip():
+            raise CLIError(f"data file {data} is empty; it needs one example per line, e.g. {SAMPLE_LINE}")
         dataset = load_dataset(fmt, data_files=str(path), split="train")
     elif path.is_dir():
         dataset = load_dataset(str(path), split=split)
@@ -96,6 +112,8 @@ def load_records(data: str, split: str = "train", limit: Optional[int] = None):
         dataset = load_dataset(data, split=split)
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
+    if len(dataset) == 0:
+        raise CLIError(f"data {data} holds no examples; it needs one example per line, e.g. {SAMPLE_LINE}")
     return dataset
 
 
@@ -127,7 +145,25 @@ def training_dataset(dataset, tokenizer, args: argparse.Namespace):
             ids = tokenizer(str(row[args.text_column]), truncation=True, max_length=args.max_length)["input_ids"]
             return {"input_ids": ids, "labels": list(ids)}
 
-    return dataset.map(encode, remove_columns=dataset.column_names, desc="tokenising")
+    encoded = dataset.map(encode, remove_columns=dataset.column_names, desc="tokenising")
+    supervised = sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in encoded["labels"])
+    if supervised == 0:
+        column = args.messages_column or args.text_column
+        raise CLIError(
+            f"the data gives no token to train on: every example of column {column!r} is empty (or, with "
+            "--messages-column, has no assistant reply). Check the column and the data file"
+        )
+    return encoded
+
+
+def _check_out(args: argparse.Namespace, *inputs: Optional[str], directory: bool = True, out: Optional[str] = None) -> None:
+    """Refuse, before any work, an output that would replace user files or overlap an input."""
+    from ..interop.files import OutputPathError, check_output_path
+
+    try:
+        check_output_path(out or args.out, inputs=inputs, overwrite=args.overwrite, directory=directory)
+    except OutputPathError as error:
+        raise CLIError(str(error)) from None
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -137,6 +173,9 @@ def cmd_score(args: argparse.Namespace) -> None:
     from ..scoring.plotting import plot_scores
     from ..scoring.score import score_experts
 
+    _check_out(args, args.model, args.data, directory=False)
+    if args.heatmap:
+        _check_out(args, args.model, args.data, directory=False, out=args.heatmap)
     tokenizer = load_tokenizer(args.model, args.chat_template)
     dataset = load_records(args.data, args.split, args.limit)
     if args.messages_column:
@@ -164,20 +203,35 @@ def cmd_select(args: argparse.Namespace) -> None:
 
     if not Path(args.scores).is_file():
         raise CLIError(f"scores file not found: {args.scores}")
-    experts = ExpertScores.load(args.scores).select(score_function=args.score_function, top_p=args.top_p)
+    _check_out(args, args.scores, directory=False)
+    scores = ExpertScores.load(args.scores)
+    if args.model:
+        scores.check_compatible(_model_structure(args.model, args.trust_remote_code))
+    experts = scores.select(score_function=args.score_function, top_p=args.top_p, top_k=args.top_k,
+                            budget=args.budget)
     config = ESFTConfig(experts=experts, train_shared_experts=args.shared_experts,
                         train_non_expert_modules=args.non_expert_modules)
     config.save_expert_config(args.out)
     count = sum(len(ids) for ids in experts.values())
-    print(f"selected {count} experts in {len(experts)} MoE layers ({args.score_function} scores, p={args.top_p}) "
-          f"-> {args.out}")
+    rule = f"top-k {args.top_k}" if args.top_k else f"budget {args.budget}" if args.budget else f"p={args.top_p}"
+    print(f"selected {count} experts in {len(experts)} MoE layers ({args.score_function} scores, {rule}) -> {args.out}")
+
+
+def _model_structure(name_or_path: str, trust_remote_code: bool):
+    """The model's modules on the meta device (its config only; no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _check_model_source(name_or_path)
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer
 
-    from ..defaults import EXPERT_CONFIG_NAME
     from ..interop.files import atomic_directory_write
     from ..interop.hub import adapter_statistics, write_model_card
     from ..training import ExpertWeightDecayCallback, esft_training_arguments, gather_adapter_state_dict
@@ -185,6 +239,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if not Path(args.expert_config).is_file():
         raise CLIError(f"expert config not found: {args.expert_config}")
+    _check_out(args, args.model, args.data, args.expert_config, args.chat_template)
     config = ESFTConfig.from_expert_config(args.expert_config, base_model_name_or_path=args.model)
     tokenizer = load_tokenizer(args.model, args.chat_template)
     dataset = training_dataset(load_records(args.data, args.split, args.limit), tokenizer, args)
@@ -202,7 +257,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         }.items() if value is not None
     }
     if args.no_gradient_checkpointing:
-        overrides["gradient_checkpointing"] = False
+        overrides["activation_checkpointing"] = False
     with tempfile.TemporaryDirectory(prefix="esft-train-") as work:
         training_args = esft_training_arguments(work, **overrides)
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
@@ -220,7 +275,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         write_model_card(model, tmp)
 
     if trainer.is_world_process_zero():
-        atomic_directory_write(args.out, write)
+        atomic_directory_write(args.out, write, overwrite=args.overwrite)
         print(f"adapter -> {args.out}")
     trainer.accelerator.wait_for_everyone()
 
@@ -231,6 +286,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from ..interop.files import atomic_directory_write
 
     _check_model_source(args.adapter)
+    _check_out(args, args.base, args.adapter)
     base = load_model(args.base, args.dtype)
     merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload()
     tokenizer = _optional_tokenizer(args.base)
@@ -240,7 +296,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    atomic_directory_write(args.out, write)
+    atomic_directory_write(args.out, write, overwrite=args.overwrite)
     print(f"merged model -> {args.out}")
 
 
@@ -280,21 +336,29 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from ..interop.official import convert_from_official, convert_to_official
 
     source = args.from_official or args.to_official
-    if not Path(source).is_dir() and args.from_official:
+    if args.from_official and not Path(source).is_dir():
         raise CLIError(f"official adapter directory not found: {source}")
-    base = load_model(args.base, args.dtype)
+    if args.expert_config and not args.from_official:
+        raise CLIError("--expert-config goes with --from-official (the expert config of the official adapter)")
+    if args.expert_config and not Path(args.expert_config).is_file():
+        raise CLIError(f"expert config not found: {args.expert_config}")
+    if args.to_official:
+        _check_model_source(args.to_official)
+    _check_out(args, source, args.base, args.expert_config)
+    base = load_model(args.base, args.dtype, trust_remote_code=args.trust_remote_code)
     if args.from_official:
-        convert_from_official(args.from_official, base, args.out, base_model_name_or_path=args.base)
+        convert_from_official(args.from_official, base, args.out, base_model_name_or_path=args.base,
+                              expert_config=args.expert_config, overwrite=args.overwrite)
         print(f"official adapter {args.from_official} -> esft-peft adapter {args.out}")
     else:
-        _check_model_source(args.to_official)
-        convert_to_official(args.to_official, base, args.out)
+        convert_to_official(args.to_official, base, args.out, overwrite=args.overwrite)
         print(f"esft-peft adapter {args.to_official} -> official adapter {args.out}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from ..demo.run import main as demo_main
 
+    _check_out(args)
     demo_main(args.out, size="quick" if args.quick else "full", seed=args.seed)
 
 
@@ -321,25 +385,44 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions as written and shows every option's default (unless its help already states it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = action.default
+        if "default" in help_text or default is None or default is False or default == argparse.SUPPRESS \
+                or not action.option_strings:
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
+def _add_out(parser: argparse.ArgumentParser, metavar: str, help_text: str) -> None:
+    parser.add_argument("--out", required=True, metavar=metavar, help=help_text)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it exists (default: refuse an existing non-empty --out)")
+
+
 def _add_model(parser: argparse.ArgumentParser, flag: str = "--model", help_text: str = "Hub id or local directory "
                "of the base MoE model") -> None:
     parser.add_argument(flag, required=True, metavar="MODEL", help=help_text)
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype ('auto': the checkpoint's)")
 
 
 def _add_data(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", required=True, metavar="DATA",
                        help="local .jsonl/.json/.csv/.parquet file or directory, or a datasets Hub id")
-    group.add_argument("--split", default="train", help="dataset split for directories and Hub ids (default: train)")
-    group.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N examples")
+    group.add_argument("--split", default="train", help="dataset split for directories and Hub ids")
+    group.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N examples (default: all)")
     columns = group.add_mutually_exclusive_group()
-    columns.add_argument("--text-column", default="text", metavar="NAME", help="column with plain text (default: text)")
+    columns.add_argument("--text-column", default="text", metavar="NAME", help="column with plain text")
     columns.add_argument("--messages-column", metavar="NAME",
                          help="column with chat conversations ([{role, content}, ...]) rendered by the chat template")
-    group.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the tokenizer's")
+    group.add_argument("--chat-template", metavar="FILE",
+                       help="Jinja chat template replacing the tokenizer's (default: the tokenizer's own)")
     group.add_argument("--max-length", type=_positive_int, default=PAPER_SEQUENCE_LENGTH, metavar="N",
-                       help=f"truncate sequences to N tokens (default: {PAPER_SEQUENCE_LENGTH})")
+                       help="truncate sequences to N tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,52 +431,61 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="esft-peft", description="Expert-Specialized Fine-Tuning (ESFT) for MoE models, as a peft method.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES, formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"esft-peft {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_command = functools.partial(commands.add_parser, formatter_class=HelpFormatter)
 
-    score = commands.add_parser("score", help="score expert relevance on task data",
+    score = add_command("score", help="score expert relevance on task data",
                                 description="Run the frozen model over task data and record, per MoE layer and "
                                 "routed expert, the token selection ratio and the average gate score.")
     _add_model(score)
     _add_data(score)
-    score.add_argument("--out", required=True, metavar="FILE", help="scores JSON to write")
+    _add_out(score, "FILE", "scores JSON to write")
     score.add_argument("--heatmap", metavar="PNG", help="also write a layers x experts heatmap")
     score.add_argument("--token-budget", type=_positive_int, default=PAPER_TOKEN_BUDGET, metavar="N",
-                       help=f"stop after N counted tokens (default, the paper's: {PAPER_TOKEN_BUDGET})")
+                       help="stop after N counted tokens (the paper's budget)")
     score.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="sequences per forward pass")
     score.add_argument("--seed", type=int, default=0, help="seed for sampling the data")
     score.add_argument("--average", choices=("tokens", "sequences"), default="tokens",
-                       help="pool all tokens (official code, default) or average per sequence first (paper)")
+                       help="pool all tokens (official code) or average per sequence first (paper)")
     score.add_argument("--count-prompt", action="store_true",
                        help="with --messages-column: also count prompt (non-assistant) tokens, as the official code")
     score.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
     score.set_defaults(func=cmd_score)
 
-    select = commands.add_parser("select", help="select experts from scores (top-p per layer)",
+    select = add_command("select", help="select experts from scores (top-p per layer)",
                                  description="Per MoE layer, take experts in descending score order until their "
                                  "scores sum to at least p; write the official expert-config JSON.")
     select.add_argument("--scores", required=True, metavar="FILE", help="scores JSON written by `esft-peft score`")
     select.add_argument("--score-function", choices=("token", "gate"), default="token",
                         help="token selection ratio (ESFT-Token) or average gate score (ESFT-Gate)")
-    select.add_argument("--top-p", type=_probability, default=None, metavar="P",
-                        help="cumulative score threshold (default, the paper's: "
-                        f"{PAPER_TOP_P['token']} for token, {PAPER_TOP_P['gate']} for gate)")
-    select.add_argument("--out", required=True, metavar="FILE", help="expert config JSON to write")
+    rule = select.add_mutually_exclusive_group()
+    rule.add_argument("--top-p", type=_probability, default=None, metavar="P",
+                      help="per layer, experts until their scores sum to P (default, the paper's: "
+                      f"{PAPER_TOP_P['token']} for token, {PAPER_TOP_P['gate']} for gate)")
+    rule.add_argument("--top-k", type=_positive_int, metavar="K", help="the K best experts of every layer")
+    rule.add_argument("--budget", type=_positive_int, metavar="N",
+                      help="N experts in all: each layer's best, then the highest remaining scores")
+    select.add_argument("--model", metavar="MODEL",
+                        help="check the scores against this model's MoE layers and expert counts (reads its config "
+                        "only)")
+    select.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (with --model)")
+    _add_out(select, "FILE", "expert config JSON to write")
     select.add_argument("--shared-experts", action="store_true", help="also train shared experts")
     select.add_argument("--non-expert-modules", action="store_true", help="also train all non-expert modules")
     select.set_defaults(func=cmd_select)
 
-    train = commands.add_parser("train", help="train the selected experts (transformers Trainer)",
+    train = add_command("train", help="train the selected experts (transformers Trainer)",
                                 description="Train an ESFT adapter with the paper's hyper-parameters as defaults "
                                 "(AdamW 0.9/0.95, weight decay 0.1, lr 1e-5, constant schedule, 500 steps).")
     _add_model(train)
     _add_data(train)
     train.add_argument("--expert-config", required=True, metavar="FILE", help="expert config JSON (official format)")
-    train.add_argument("--out", required=True, metavar="DIR", help="adapter directory to write")
+    _add_out(train, "DIR", "adapter directory to write (written atomically, once training ends)")
     train.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimizer steps (default: 500)")
     train.add_argument("--learning-rate", type=float, metavar="LR", help="learning rate (default: 1e-5)")
     train.add_argument("--batch-size", type=_positive_int, metavar="N", help="per-device batch size")
@@ -410,15 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="torch device (the Trainer picks one when omitted)")
     train.set_defaults(func=cmd_train)
 
-    merge = commands.add_parser("merge", help="merge an adapter into its base and save a plain checkpoint",
+    merge = add_command("merge", help="merge an adapter into its base and save a plain checkpoint",
                                 description="Merge the adapter's deltas into the base weights and save a "
                                 "transformers checkpoint with the base checkpoint's key layout.")
     _add_model(merge, "--base", "Hub id or local directory of the base model")
     merge.add_argument("--adapter", required=True, metavar="ADAPTER", help="adapter directory or Hub repo id")
-    merge.add_argument("--out", required=True, metavar="DIR", help="merged model directory to write")
+    _add_out(merge, "DIR", "merged model directory to write (atomically)")
     merge.set_defaults(func=cmd_merge)
 
-    push = commands.add_parser("push", help="upload an adapter with a generated model card to the Hub",
+    push = add_command("push", help="upload an adapter with a generated model card to the Hub",
                                description="Upload adapter weights, adapter_config.json and a generated model "
                                "card (base model, expert map, trainable fraction, loading snippet) in one commit.")
     push.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory")
@@ -432,29 +524,34 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--description", help="one paragraph for the model card")
     push.set_defaults(func=cmd_push)
 
-    convert = commands.add_parser("convert", help="convert between official ESFT and esft-peft adapters",
+    convert = add_command("convert", help="convert between official ESFT and esft-peft adapters",
                                   description="--from-official: official adapter (expert_cfg.json + full expert "
                                   "weights) -> esft-peft delta adapter. --to-official: the reverse.")
     direction = convert.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-official", metavar="DIR", help="official ESFT adapter directory")
     direction.add_argument("--to-official", metavar="ADAPTER", help="esft-peft adapter directory or Hub id")
     _add_model(convert, "--base", "Hub id or local directory of the base model")
-    convert.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    convert.add_argument("--expert-config", metavar="FILE",
+                         help=f"with --from-official: the expert config, when the directory has no {EXPERT_CONFIG_NAME} "
+                         "(the authors' train.py does not write one)")
+    convert.add_argument("--trust-remote-code", action="store_true",
+                         help="allow the base model's own code (e.g. the authors' DeepSeek-V2 remote code)")
+    _add_out(convert, "DIR", "output directory (written atomically)")
     convert.set_defaults(func=cmd_convert)
 
-    demo = commands.add_parser("demo", help="run the offline end-to-end demo on a small synthetic MoE",
+    demo = add_command("demo", help="run the offline end-to-end demo on a small synthetic MoE",
                                description="Pre-train a small DeepSeek-V2-style MoE on synthetic tasks, then score, "
                                "select, train ESFT, evaluate, save, reload and merge (1-2 minutes on a CPU).")
-    demo.add_argument("--out", required=True, metavar="DIR", help="directory for the demo's artifacts")
+    _add_out(demo, "DIR", "directory for the demo's artifacts")
     demo.add_argument("--quick", action="store_true", help="a smaller, faster run (under a minute; less accurate)")
     demo.add_argument("--seed", type=int, default=1,
-                      help="random seed (default: 1; results vary by seed, see docs/paper_in_miniature.md)")
+                      help="random seed (results vary by seed, see docs/paper_in_miniature.md)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def _finish_select_defaults(args: argparse.Namespace) -> None:
-    if args.command == "select" and args.top_p is None:
+    if args.command == "select" and args.top_p is None and args.top_k is None and args.budget is None:
         args.top_p = PAPER_TOP_P[args.score_function]
 
 

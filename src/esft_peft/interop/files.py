@@ -131,6 +131,8 @@ def atomic_directory_write(out_dir: PathLike, write: Callable[[Path], None], ove
     tmp = _temporary_directory_next_to(out_dir)
     try:
         write(tmp)
+        for path in tmp.rglob("*"):  # some writers (safetensors) create 0600 files; a server must read them
+            _normal_permissions(path, directory=path.is_dir())
         publish_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -86,13 +86,23 @@ def _check_official_config(config: ESFTConfig) -> None:
         )
 
 
-def read_official_adapter(directory: PathLike) -> tuple[dict, dict[tuple[str, int, str], torch.Tensor]]:
-    """Read an official adapter: (expert config dict, {(layer, expert, projection): weight})."""
+def read_official_adapter(
+    directory: PathLike, expert_config: Optional[PathLike] = None
+) -> tuple[Path, dict[tuple[str, int, str], torch.Tensor]]:
+    """Read an official adapter: (its expert-config path, {(layer, expert, projection): weight}).
+
+    ``expert_config`` is the expert config's path when the directory has no ``expert_cfg.json`` (the authors'
+    ``train.py`` saves the weights only).
+    """
     directory = Path(directory)
-    config_path = directory / EXPERT_CONFIG_NAME
+    config_path = Path(expert_config) if expert_config is not None else directory / EXPERT_CONFIG_NAME
     if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} is not an official ESFT adapter: {EXPERT_CONFIG_NAME} is missing.")
-    expert_config = json.loads(config_path.read_text(encoding="utf-8"))
+        if expert_config is not None:
+            raise FileNotFoundError(f"Expert config not found: {config_path}.")
+        raise FileNotFoundError(
+            f"{directory} has no {EXPERT_CONFIG_NAME}. Pass the expert config the adapter was trained with "
+            "(expert_config=... / --expert-config FILE)."
+        )
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{directory} holds no *.safetensors weights of the trained experts.")
@@ -106,19 +116,23 @@ def read_official_adapter(directory: PathLike) -> tuple[dict, dict[tuple[str, in
                     "'model.layers.{l}.mlp.experts.{e}.{gate_proj,up_proj,down_proj}.weight'."
                 )
             weights[(match.group(1), int(match.group(2)), match.group(3))] = tensor
-    return expert_config, weights
+    return config_path, weights
 
 
 def load_official_adapter(
-    base_model: nn.Module, directory: PathLike, adapter_name: str = "default", **config_kwargs
+    base_model: nn.Module, directory: PathLike, adapter_name: str = "default",
+    expert_config: Optional[PathLike] = None, **config_kwargs
 ) -> PeftModel:
     """Wrap ``base_model`` with an ESFT adapter whose deltas reproduce the official adapter in ``directory``.
+
+    ``expert_config`` gives the expert config's path when ``directory`` has no ``expert_cfg.json``. Layers listed
+    with no experts (how the authors mark untrained layers) are dropped.
 
     Raises:
         ValueError: weights missing for a selected expert, shape mismatch, or an unsupported layout.
     """
-    expert_config, weights = read_official_adapter(directory)
-    config = ESFTConfig.from_expert_config(expert_config, **config_kwargs)
+    config_path, weights = read_official_adapter(directory, expert_config)
+    config = ESFTConfig.from_expert_config(config_path, **config_kwargs)
     _check_official_config(config)
     layers = find_moe_layers(base_model)
     for key, ids in config.experts.items():
@@ -167,28 +181,43 @@ def official_state_dict(peft_model: PeftModel, adapter_name: str = "default") ->
     return state
 
 
-def save_official_adapter(peft_model: PeftModel, out_dir: PathLike, adapter_name: str = "default") -> Path:
-    """Write ``adapter_name`` of ``peft_model`` as an official ESFT adapter directory (atomic)."""
-    state = official_state_dict(peft_model, adapter_name)
+def official_expert_config(peft_model: PeftModel, adapter_name: str = "default") -> dict:
+    """The adapter's expert config in the authors' format, listing every MoE layer of the base (``[]`` for layers
+    the adapter does not train): the authors' ``to_esft`` reads ``experts[str(layer)]`` for each MoE layer."""
     expert_config = peft_model.peft_config[adapter_name].to_expert_config()
+    expert_config.pop("num_experts", None)
+    trained = expert_config["experts"]
+    layers = find_moe_layers(peft_model.base_model.model)
+    expert_config["experts"] = {key: list(trained.get(key, [])) for key in layers}
+    return expert_config
+
+
+def save_official_adapter(
+    peft_model: PeftModel, out_dir: PathLike, adapter_name: str = "default", overwrite: bool = False
+) -> Path:
+    """Write ``adapter_name`` of ``peft_model`` as an official ESFT adapter directory (atomic; an existing non-empty
+    ``out_dir`` is refused unless ``overwrite``)."""
+    state = official_state_dict(peft_model, adapter_name)
+    expert_config = official_expert_config(peft_model, adapter_name)
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / OFFICIAL_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / EXPERT_CONFIG_NAME).write_text(json.dumps(expert_config, indent=1), encoding="utf-8")
 
-    return atomic_directory_write(out_dir, write)
+    return atomic_directory_write(out_dir, write, overwrite=overwrite)
 
 
 def convert_from_official(
-    official_dir: PathLike, base_model: nn.Module, out_dir: PathLike, base_model_name_or_path: Optional[str] = None
+    official_dir: PathLike, base_model: nn.Module, out_dir: PathLike, base_model_name_or_path: Optional[str] = None,
+    expert_config: Optional[PathLike] = None, overwrite: bool = False,
 ) -> Path:
     """Official adapter directory -> esft-peft adapter directory (``adapter_config.json`` + safetensors deltas)."""
     kwargs = {"base_model_name_or_path": base_model_name_or_path} if base_model_name_or_path else {}
-    peft_model = load_official_adapter(base_model, official_dir, **kwargs)
-    return atomic_directory_write(out_dir, lambda tmp: peft_model.save_pretrained(str(tmp)))
+    peft_model = load_official_adapter(base_model, official_dir, expert_config=expert_config, **kwargs)
+    return atomic_directory_write(out_dir, lambda tmp: peft_model.save_pretrained(str(tmp)), overwrite=overwrite)
 
 
-def convert_to_official(adapter_dir: PathLike, base_model: nn.Module, out_dir: PathLike) -> Path:
+def convert_to_official(adapter_dir: PathLike, base_model: nn.Module, out_dir: PathLike, overwrite: bool = False) -> Path:
     """esft-peft adapter (directory or Hub id) -> official adapter directory with full expert weights."""
     peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir))
-    return save_official_adapter(peft_model, out_dir)
+    return save_official_adapter(peft_model, out_dir, overwrite=overwrite)

@@ -6,12 +6,13 @@ from .comparison import TaskComparison, compare_tasks
 from .data import EmptyDataError
 from .plotting import plot_comparison, plot_scores
 from .score import AllTokensMaskedError, score_experts
-from .scores import ExpertScores, IncompatibleScoresError
+from .scores import ExpertScores, ExpertSelection, IncompatibleScoresError
 
 __all__ = [
     "AllTokensMaskedError",
     "EmptyDataError",
     "ExpertScores",
+    "ExpertSelection",
     "IncompatibleScoresError",
     "RoutingReadError",
     "TaskComparison",

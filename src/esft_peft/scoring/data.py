@@ -70,6 +70,7 @@ class BatchStream:
         messages_column: str,
         rank: int = 0,
         world_size: int = 1,
+        pad_token_id: Optional[int] = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -87,6 +88,8 @@ class BatchStream:
         self.truncated = 0
         self.warned_template = False
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        self.model_pad_id = pad_token_id  # marks padding in batches that come without an attention_mask
+        self.warned_padding = False
 
     # ------------------------------------------------------------------------------------------------ iteration
 
@@ -217,7 +220,7 @@ class BatchStream:
         if ids.dim() != 2:
             raise ValueError(f"Batch input_ids must be 2-D [batch, sequence], got shape {tuple(ids.shape)}.")
         mask = batch.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask, dtype=torch.long)
+        mask = self._mask_without_attention_mask(ids) if mask is None else torch.as_tensor(mask, dtype=torch.long)
         labels = batch.get("labels")
         labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
         if ids.shape[1] > self.max_length:
@@ -225,6 +228,19 @@ class BatchStream:
             ids, mask = ids[:, : self.max_length], mask[:, : self.max_length]
             labels = None if labels is None else labels[:, : self.max_length]
         return Batch(ids, mask, labels)
+
+
+    def _mask_without_attention_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """All ones, except tokens equal to the model's ``pad_token_id`` (with a warning): padding is never counted."""
+        if self.model_pad_id is None or not bool((ids == self.model_pad_id).any()):
+            return torch.ones_like(ids)
+        if not self.warned_padding:
+            self.warned_padding = True
+            logger.warning(
+                "A batch has no attention_mask; tokens equal to the model's pad_token_id (%d) are treated as padding "
+                "and not counted. Pass attention_mask to count them.", self.model_pad_id,
+            )
+        return (ids != self.model_pad_id).long()
 
 
 def sequence_digest(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bytes:

@@ -102,7 +102,9 @@ def score_experts(
     stream = BatchStream(
         data, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, seed=seed, text_column=text_column,
         messages_column=messages_column, rank=rank, world_size=world_size,
+        pad_token_id=getattr(config, "pad_token_id", None),
     )
+    vocab_size = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else None
     device = next(model.parameters()).device
     forward_kwargs = {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
     modes = {module: module.training for module in model.modules()}
@@ -120,6 +122,7 @@ def score_experts(
                     counted &= batch.labels != IGNORE_INDEX
                 if budget is not None:  # count only the first tokens that fit the budget
                     counted &= (counted.flatten().cumsum(0) <= budget - counted_total).view_as(counted)
+                _check_token_ids(batch.input_ids, vocab_size)
                 rows = counted.any(dim=1)
                 sequences_seen += len(rows)
                 if not rows.any():
@@ -196,6 +199,17 @@ def _all_reduce(
     gathered: list[Optional[list[bytes]]] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, digests)
     return [int(v) for v in next(summed).tolist()], [d for part in gathered for d in part]
+
+
+def _check_token_ids(input_ids: torch.Tensor, vocab_size: Optional[int]) -> None:
+    if vocab_size is None or input_ids.numel() == 0:
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"The data holds token id {high if high >= vocab_size else low}, but the model's vocabulary has "
+            f"{vocab_size} tokens (ids 0..{vocab_size - 1}). Tokenize the data with this model's tokenizer."
+        )
 
 
 def _check_every_token_routed(totals: dict[str, LayerTotals], counted: int) -> None:

@@ -31,6 +31,18 @@ class IncompatibleScoresError(ValueError):
     """Scores were computed on a model whose MoE layers or expert counts differ from the one at hand."""
 
 
+class ExpertSelection(dict):
+    """``{layer: [expert ids]}`` chosen from scores; ``num_experts`` records the scored model's expert counts, so
+    ``ESFTConfig(experts=selection)`` refuses a model with other counts at injection."""
+
+    def __init__(self, experts: dict[str, list[int]], num_experts: dict[str, int]) -> None:
+        super().__init__(experts)
+        self.num_experts = {layer: num_experts[layer] for layer in experts}
+
+
+TOKEN_SCORE_TOLERANCE = 1e-3
+
+
 @dataclass
 class ExpertScores:
     """Relevance of every routed expert of every MoE layer to one task.
@@ -106,7 +118,7 @@ class ExpertScores:
         randomize: bool = False,
         seed: int = 0,
         model: Optional[nn.Module] = None,
-    ) -> dict[str, list[int]]:
+    ) -> ExpertSelection:
         """Experts to train per layer, in descending relevance, for ``ESFTConfig(experts=...)``.
 
         Exactly one rule applies: ``top_p`` (default 0.2: the paper's rule, per layer, the expert crossing p
@@ -134,7 +146,7 @@ class ExpertScores:
             chosen = rules.select_top_p(scores, top_p)
         if randomize:
             chosen = rules.select_random(scores, {layer: len(ids) for layer, ids in chosen.items()}, seed)
-        return chosen
+        return ExpertSelection(chosen, self.num_experts)
 
     def to_config(self, score_function: str = "token", top_p: Optional[float] = None, *,
                   model: Optional[nn.Module] = None, **config_kwargs: Any) -> ESFTConfig:
@@ -221,6 +233,16 @@ class ExpertScores:
             raise ValueError(f"{path} is not valid JSON: {error}") from None
         scores = cls.from_dict(data)
         scores.metadata.setdefault("path", str(path))
+        off = {layer: sum(values) for layer, values in scores.token_scores.items()
+               if abs(sum(values) - 1.0) > TOKEN_SCORE_TOLERANCE}
+        if off:
+            layer, total = next(iter(off.items()))
+            logger.warning(
+                "%s: the token scores of %d layer(s) do not sum to 1 (layer %s: %.4g). They were normalised across "
+                "layers (the ESFT authors' current generate_expert_config.py does this), so a per-layer top_p selects "
+                "too few experts; re-score with esft-peft or use the authors' earlier per-layer normalisation.",
+                path, len(off), layer, total,
+            )
         return scores
 
 

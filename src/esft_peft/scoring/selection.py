@@ -10,6 +10,7 @@ Every rule returns ``{layer: [expert ids in descending relevance]}``, ready for 
 
 from __future__ import annotations
 
+import operator
 import random
 from typing import Mapping
 
@@ -48,10 +49,18 @@ def select_top_p(scores: Scores, top_p: float) -> dict[str, list[int]]:
     return selection
 
 
+def _integer(value: object) -> object:
+    """``value`` as an int when it is an integer of any kind (numpy's included); otherwise unchanged."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        return value
+    return operator.index(value)
+
+
 def select_top_k(scores: Scores, k: int) -> dict[str, list[int]]:
     """The ``k`` most relevant experts of every layer."""
     fewest = min(len(values) for values in scores.values())
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= fewest:
+    k = _integer(k)
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= fewest:
         raise ValueError(f"top_k must be an integer in [1, {fewest}] (experts per layer), got {k!r}.")
     return {layer: ranked(scores[layer])[:k] for layer in sorted(scores, key=layer_sort_key)}
 
@@ -63,6 +72,7 @@ def select_budget(scores: Scores, budget: int) -> dict[str, list[int]]:
     """
     layers = sorted(scores, key=layer_sort_key)
     available = sum(len(scores[layer]) for layer in layers)
+    budget = _integer(budget)
     if isinstance(budget, bool) or not isinstance(budget, int) or not len(layers) <= budget <= available:
         raise ValueError(
             f"budget must be an integer in [{len(layers)}, {available}] (at least one expert per layer), "

@@ -3,6 +3,7 @@ gathering a (possibly sharded) adapter for saving after multi-process training."
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Optional
 
@@ -18,6 +19,16 @@ from ..tuners.esft.layer import DELTA_CONTAINER
 
 logger = logging.getLogger(__name__)
 
+# transformers 5.24 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs); older 5.x lack the
+# new names. Deprecated spellings in overrides are mapped to the names this transformers reads.
+_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
+CHECKPOINTING, CHECKPOINTING_KWARGS = (
+    ("activation_checkpointing", "activation_checkpointing_kwargs") if "activation_checkpointing" in _FIELDS
+    else ("gradient_checkpointing", "gradient_checkpointing_kwargs")
+)
+_ALIASES = {"gradient_checkpointing": CHECKPOINTING, "gradient_checkpointing_kwargs": CHECKPOINTING_KWARGS,
+            "activation_checkpointing": CHECKPOINTING, "activation_checkpointing_kwargs": CHECKPOINTING_KWARGS}
+
 # State-dict keys that peft saves for an ESFT adapter: the deltas and any `modules_to_save` copies.
 ADAPTER_KEY_PARTS = (f".{DELTA_CONTAINER}.", ".modules_to_save.")
 
@@ -29,15 +40,17 @@ def esft_training_arguments(output_dir: str, **overrides: Any) -> TrainingArgume
     (non-reentrant) and bf16 where a GPU supports it. Only the deltas are trainable, so the weight decay of
     Trainer's optimizer never touches frozen experts. On a machine without an accelerator ``use_cpu`` is set, so
     that a multi-process launch (``accelerate launch``/``torchrun``) trains data-parallel on gloo instead of
-    running independent processes.
+    running independent processes. ``gradient_checkpointing`` and ``activation_checkpointing`` (transformers >= 5.24)
+    are accepted for the same setting, so no deprecated argument reaches ``TrainingArguments``.
     """
     defaults: dict[str, Any] = dict(
         **PAPER_TRAINING, use_cpu=not torch.accelerator.is_available(), output_dir=output_dir,
         per_device_train_batch_size=8,
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), logging_steps=10, save_strategy="no",
         report_to=[],
     )
+    defaults[CHECKPOINTING], defaults[CHECKPOINTING_KWARGS] = True, {"use_reentrant": False}
+    overrides = {_ALIASES.get(key, key): value for key, value in overrides.items()}
     return TrainingArguments(**{**defaults, **overrides})
 
 

@@ -17,6 +17,9 @@ from ...moe.layer_keys import normalize_layer_key, sorted_layer_keys
 
 PEFT_TYPE_NAME = "ESFT"
 SAVED_HEADER_ATTRIBUTE = "_esft_saved_header"  # a loaded adapter's safetensors header (checked at injection)
+SCORED_COUNTS_ATTRIBUTE = "_esft_scored_num_experts"  # layer -> expert count of the model the selection was scored on
+EXPERT_CONFIG_KEYS = ("experts", "shared_experts", "non_expert_modules", "num_experts")
+EXPERT_CONFIG_EXAMPLE = '{"experts": {"1": [8, 26]}, "shared_experts": false, "non_expert_modules": false}'
 ExpertMap = dict[Union[int, str], list[int]]
 
 
@@ -79,7 +82,10 @@ class ESFTConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType(PEFT_TYPE_NAME)
+        counts = getattr(self.experts, "num_experts", None)  # an ExpertScores selection records its model's counts
         self.experts = normalize_experts(self.experts)
+        if counts:
+            setattr(self, SCORED_COUNTS_ATTRIBUTE, {normalize_layer_key(k): int(v) for k, v in counts.items()})
         if not self.experts:
             raise ValueError("ESFTConfig needs at least one layer in `experts`, e.g. ESFTConfig(experts={1: [0, 3]}).")
         if self.target_modules is not None:
@@ -99,37 +105,66 @@ class ESFTConfig(PeftConfig):
         """Build a config from the official ESFT expert-config format.
 
         The format is ``{"experts": {"1": [8, 26], ...}, "shared_experts": false, "non_expert_modules": false}``
-        (a path to such a JSON file or the dict itself). Extra keyword arguments go to ``ESFTConfig``.
+        (a path to such a JSON file or the dict itself). Layers with an empty list (how the authors' code marks
+        untrained layers) are dropped. ``"num_experts"`` (written by ``esft-peft select``) records the expert
+        counts of the model the selection was scored on, checked at injection. Extra keyword arguments go to
+        ``ESFTConfig``.
+
+        Raises:
+            ValueError: naming the file, for unreadable JSON, a wrong structure or non-boolean flags.
         """
+        source = "the expert config" if isinstance(path_or_dict, dict) else str(path_or_dict)
         if isinstance(path_or_dict, dict):
             data = path_or_dict
         else:
-            with open(path_or_dict, encoding="utf-8") as handle:
-                data = json.load(handle)
-        if not isinstance(data, dict) or "experts" not in data:
+            try:
+                data = json.loads(Path(path_or_dict).read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(
+                    f"{source} is not valid JSON ({error}). An ESFT expert config looks like {EXPERT_CONFIG_EXAMPLE}."
+                ) from None
+        if not isinstance(data, dict) or not isinstance(data.get("experts"), dict):
             raise ValueError(
-                "Not an ESFT expert config: expected a JSON object with an 'experts' mapping "
-                '(e.g. {"experts": {"1": [8, 26]}, "shared_experts": false, "non_expert_modules": false}).'
+                f"{source} is not an ESFT expert config: expected a JSON object with an 'experts' mapping "
+                f"(e.g. {EXPERT_CONFIG_EXAMPLE})."
             )
-        unknown = set(data) - {"experts", "shared_experts", "non_expert_modules"}
+        unknown = set(data) - set(EXPERT_CONFIG_KEYS)
         if unknown:
-            raise ValueError(f"Unknown keys in ESFT expert config: {sorted(unknown)}.")
-        return cls(
-            experts=data["experts"],
-            train_shared_experts=bool(data.get("shared_experts", False)),
-            train_non_expert_modules=bool(data.get("non_expert_modules", False)),
-            **kwargs,
-        )
+            raise ValueError(f"{source}: unknown keys {sorted(unknown)}; an ESFT expert config has {EXPERT_CONFIG_KEYS}.")
+        experts = {layer: ids for layer, ids in data["experts"].items() if not _is_empty_list(ids)}
+        if not experts:
+            raise ValueError(f"{source} selects no experts in any layer; select at least one expert.")
+        try:
+            config = cls(
+                experts=experts,
+                train_shared_experts=_strict_bool(data.get("shared_experts", False), "shared_experts", source),
+                train_non_expert_modules=_strict_bool(data.get("non_expert_modules", False), "non_expert_modules",
+                                                      source),
+                **kwargs,
+            )
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
+        counts = data.get("num_experts")
+        if counts is not None:
+            if not isinstance(counts, dict) or not all(isinstance(v, int) and v > 0 for v in counts.values()):
+                raise ValueError(f"{source}: 'num_experts' must map layer -> expert count.")
+            setattr(config, SCORED_COUNTS_ATTRIBUTE, {normalize_layer_key(k): v for k, v in counts.items()})
+        return config
 
     def to_expert_config(self) -> dict[str, Any]:
-        """Return the selection in the official ESFT expert-config format."""
+        """Return the selection in the official ESFT expert-config format (plus the scored model's expert counts,
+        when the selection came from expert scores)."""
         if not isinstance(self.train_non_expert_modules, bool):
             raise ValueError("The official format only records non_expert_modules as a bool; this config lists modules.")
-        return {
+        data = {
             "experts": {layer: list(ids) for layer, ids in self.experts.items()},
             "shared_experts": self.train_shared_experts,
             "non_expert_modules": self.train_non_expert_modules,
         }
+        counts = getattr(self, SCORED_COUNTS_ATTRIBUTE, None)
+        if counts:
+            data["num_experts"] = dict(counts)
+        return data
 
     def save_expert_config(self, path: Union[str, os.PathLike]) -> None:
         """Write :meth:`to_expert_config` as JSON (atomically)."""
@@ -173,3 +208,16 @@ class ESFTConfig(PeftConfig):
                 "safe_serialization=True (the default).",
                 stacklevel=3,
             )
+
+
+def _is_empty_list(ids: Any) -> bool:
+    return isinstance(ids, (list, tuple)) and not ids
+
+
+def _strict_bool(value: Any, key: str, source: str) -> bool:
+    """JSON ``true``/``false`` (or the strings "true"/"false"); anything else is an error, never truthiness."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"'{key}' must be true or false, got {value!r}.")

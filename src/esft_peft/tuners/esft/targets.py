@@ -10,7 +10,7 @@ from torch import nn
 from ...moe.discovery import MoELayer, find_moe_layers, named_base_modules, parameter_modules
 from ...moe.layouts import ExpertsLayout
 from ...moe.layouts.base import unwrap
-from .config import ESFTConfig
+from .config import SCORED_COUNTS_ATTRIBUTE, ESFTConfig
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,13 @@ def _layer_range(layers: dict[str, MoELayer]) -> str:
     return ", ".join(keys) if len(keys) <= 12 else f"{', '.join(keys[:6])}, ..., {', '.join(keys[-3:])}"
 
 
-def validate_selection(experts: dict[str, list[int]], layers: dict[str, MoELayer]) -> None:
-    """ValueError naming the layer, the bad ids and the valid range for any selection the model cannot take."""
+def validate_selection(
+    experts: dict[str, list[int]], layers: dict[str, MoELayer], scored_counts: Optional[dict[str, int]] = None
+) -> None:
+    """ValueError naming the layer, the bad ids and the valid range for any selection the model cannot take.
+
+    ``scored_counts`` (layer -> expert count of the model the selection was scored on) must match the model.
+    """
     for key, ids in experts.items():
         if key not in layers:
             raise ValueError(
@@ -39,6 +44,13 @@ def validate_selection(experts: dict[str, list[int]], layers: dict[str, MoELayer
         bad = [i for i in ids if not 0 <= i < count]
         if bad:
             raise ValueError(f"Layer {key}: expert ids {bad} are out of range; valid ids are 0..{count - 1}.")
+        scored = (scored_counts or {}).get(key)
+        if scored is not None and scored != count:
+            raise ValueError(
+                f"Layer {key}: the experts were selected from scores of a model with {scored} experts in this layer, "
+                f"but this model has {count}. The scores were computed on another model; score this model "
+                "(`score_experts` / `esft-peft score`) and select again."
+            )
 
 
 def base_layout(model: nn.Module, layers: dict[str, MoELayer], keys: list[str]) -> dict[str, dict]:
@@ -68,12 +80,27 @@ def check_base_compatibility(config: ESFTConfig, model: nn.Module, layers: dict[
         )
     for key, expected in (config.base_layout or {}).items():
         found = actual.get(key)
+        if found is not None and expected.get("kind") != found["kind"]:
+            raise ValueError(
+                f"Layer {key}: the adapter was trained on a base whose experts are stored as "
+                f"{_LAYOUT_NAMES.get(expected.get('kind'), expected.get('kind'))}, but this base stores them as "
+                f"{_LAYOUT_NAMES.get(found['kind'], found['kind'])}: the same checkpoint loaded another way (e.g. "
+                "with or without trust_remote_code). Load the base the way the adapter was trained, or move the "
+                "adapter across layouts through the official format (esft-peft convert --to-official, then "
+                "--from-official on the other base). No weights were loaded."
+            )
         if found != expected:
             raise ValueError(
                 f"Layer {key}: the adapter expects {expected['num_experts']} experts with per-expert shapes "
                 f"{expected['expert_shapes']}, but the base model has {found['num_experts']} experts with shapes "
                 f"{found['expert_shapes']}. The adapter belongs to another base model; no weights were loaded."
             )
+
+
+_LAYOUT_NAMES = {
+    "module_list": "a ModuleList of per-expert modules (e.g. the authors' remote-code model)",
+    "fused": "fused 3-D expert tensors (transformers' native experts)",
+}
 
 
 def _dense_targets(model: nn.Module, roots: list[str]) -> dict[str, Target]:
@@ -103,7 +130,7 @@ def _non_expert_targets(model: nn.Module, config: ESFTConfig, layers: dict[str, 
 def plan_targets(model: nn.Module, config: ESFTConfig) -> dict[str, Target]:
     """Module name -> what to wrap it with, for one adapter config. Validates before anything is touched."""
     layers = find_moe_layers(model)
-    validate_selection(config.experts, layers)
+    validate_selection(config.experts, layers, getattr(config, SCORED_COUNTS_ATTRIBUTE, None))
     check_base_compatibility(config, model, layers)
     plan: dict[str, Target] = {}
     for key, ids in config.experts.items():
