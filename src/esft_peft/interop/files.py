@@ -99,20 +99,24 @@ def verify_safetensors(path: PathLike) -> dict[str, Any]:
     return header
 
 
-def check_adapter_weights(model_id: PathLike, subfolder: Optional[str] = None, **hub_kwargs: Any) -> None:
-    """Refuse pickle-only adapters and check the safetensors weights of a local or Hub adapter before loading."""
+def check_adapter_weights(
+    model_id: PathLike, subfolder: Optional[str] = None, method: str = "ESFT", **hub_kwargs: Any
+) -> Optional[dict[str, Any]]:
+    """Refuse pickle-only adapters and check the safetensors weights of a local or Hub adapter before loading.
+
+    Returns the safetensors header, or None when there is no weights file (peft reports that itself).
+    """
     local = Path(model_id, subfolder) if subfolder else Path(model_id)
     if local.is_dir():
         weights = local / SAFETENSORS_WEIGHTS_NAME
         if not weights.is_file():
             if (local / WEIGHTS_NAME).is_file():
                 raise CorruptAdapterError(
-                    f"{local} holds only {WEIGHTS_NAME} (a pickle). ESFT adapters are loaded from safetensors only; "
+                    f"{local} holds only {WEIGHTS_NAME} (a pickle). {method} adapters are loaded from safetensors only; "
                     f"convert it with a trusted tool to {SAFETENSORS_WEIGHTS_NAME}."
                 )
-            return  # peft reports the missing file itself
-        verify_safetensors(weights)
-        return
+            return None  # peft reports the missing file itself
+        return verify_safetensors(weights)
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -120,6 +124,7 @@ def check_adapter_weights(model_id: PathLike, subfolder: Optional[str] = None, *
         weights = hf_hub_download(str(model_id), SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
     except EntryNotFoundError:
         raise CorruptAdapterError(
-            f"The Hub repo {model_id} has no {SAFETENSORS_WEIGHTS_NAME}; ESFT adapters are loaded from safetensors only."
+            f"The Hub repo {model_id} has no {SAFETENSORS_WEIGHTS_NAME}; {method} adapters are loaded from safetensors "
+            "only."
         ) from None
-    verify_safetensors(weights)
+    return verify_safetensors(weights)
