@@ -28,14 +28,20 @@ try:  # private transformers API (its grouped-matmul dispatch and fallback); gua
 except ImportError:  # pragma: no cover - depends on the installed transformers
     _grouped_mm = None
 
-# The adapter parameters' containers; saved keys read ``<mlp>.pesc_router.weight``, ``<mlp>.pesc_down``,
-# ``<mlp>.pesc_up`` once peft has removed the adapter name.
-ROUTER, DOWN, UP = ROUTER_CONTAINER, "pesc_down", "pesc_up"
+# The adapter parameters' containers; saved keys read ``<mlp>.lora_pesc_router.weight``, ``<mlp>.lora_pesc_down``,
+# ``<mlp>.lora_pesc_up`` once peft has removed the adapter name.
+ROUTER, DOWN, UP = ROUTER_CONTAINER, "lora_pesc_down", "lora_pesc_up"
 
 
-def _aligned(tensor: torch.Tensor) -> bool:
+def _strides_aligned(tensor: torch.Tensor) -> bool:
     size = tensor.element_size()
-    return tensor.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in tensor.stride() if s != 1)
+    return all(s * size % 16 == 0 for s in tensor.stride() if s != 1)
+
+
+def _aligned_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy with the same strides on 16-byte aligned memory (weights memory-mapped from a file can
+    start anywhere); the kernel, and so the rounding, then never depends on where a checkpoint was loaded from."""
+    return tensor if tensor.data_ptr() % 16 == 0 else tensor.clone()
 
 
 def require_grouped_mm() -> None:
@@ -54,8 +60,8 @@ def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) 
     per-expert fallback otherwise (e.g. an ``adapter_dim`` that is not a multiple of 4 in float32).
     """
     require_grouped_mm()
-    if _aligned(rows) and _aligned(weight):
-        return _grouped_mm(rows, weight, offsets)
+    if _strides_aligned(rows) and _strides_aligned(weight):
+        return _grouped_mm(_aligned_storage(rows), _aligned_storage(weight), offsets)
     return torch.ops.transformers.grouped_mm_fallback(rows, weight.contiguous(), offs=offsets)
 
 
@@ -83,25 +89,25 @@ class PESCRouter(nn.Linear):
 class PESCLayer(nn.Module, BaseTunerLayer):
     """Wraps a dense MLP; holds per adapter a router and ``num_experts`` adapter experts.
 
-    ``pesc_router[a]``: :class:`PESCRouter`; ``pesc_down[a]``: (E, d, H); ``pesc_up[a]``: (E, H, d), zero at
+    ``lora_pesc_router[a]``: :class:`PESCRouter`; ``lora_pesc_down[a]``: (E, d, H); ``lora_pesc_up[a]``: (E, H, d), zero at
     creation. Several active adapters add their outputs. The routing of the last forward is kept per adapter
-    (``pesc_routing``) for the load-balancing loss.
+    (``lora_pesc_routing``) for the load-balancing loss.
     """
 
     adapter_layer_names = (ROUTER, DOWN, UP)
     crafts_experts = True  # discovery (esft_peft.moe) sees this layer as an MoE layer
-    other_param_names = ("pesc_dropout", "pesc_scaling", "pesc_routing")
+    other_param_names = ("lora_pesc_dropout", "lora_pesc_scaling", "lora_pesc_routing")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, hidden_size: int, **settings: Any) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.hidden_size = hidden_size
-        self.pesc_router = nn.ModuleDict()
-        self.pesc_down = nn.ParameterDict()
-        self.pesc_up = nn.ParameterDict()
-        self.pesc_dropout = nn.ModuleDict()
-        self.pesc_scaling: dict[str, float] = {}
-        self.pesc_routing: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.lora_pesc_router = nn.ModuleDict()
+        self.lora_pesc_down = nn.ParameterDict()
+        self.lora_pesc_up = nn.ParameterDict()
+        self.lora_pesc_dropout = nn.ModuleDict()
+        self.lora_pesc_scaling: dict[str, float] = {}
+        self.lora_pesc_routing: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.update_layer(adapter_name, **settings)
@@ -131,11 +137,11 @@ class PESCLayer(nn.Module, BaseTunerLayer):
                 nn.init.kaiming_uniform_(down[expert], a=math.sqrt(5))
         else:
             nn.init.zeros_(down)
-        self.pesc_router[adapter_name] = router
-        self.pesc_down[adapter_name] = nn.Parameter(down)
-        self.pesc_up[adapter_name] = nn.Parameter(up)
-        self.pesc_dropout[adapter_name] = nn.Dropout(adapter_dropout) if adapter_dropout > 0 else nn.Identity()
-        self.pesc_scaling[adapter_name] = adapter_scaling
+        self.lora_pesc_router[adapter_name] = router
+        self.lora_pesc_down[adapter_name] = nn.Parameter(down)
+        self.lora_pesc_up[adapter_name] = nn.Parameter(up)
+        self.lora_pesc_dropout[adapter_name] = nn.Dropout(adapter_dropout) if adapter_dropout > 0 else nn.Identity()
+        self.lora_pesc_scaling[adapter_name] = adapter_scaling
         self.set_adapter(self.active_adapters)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
@@ -146,7 +152,7 @@ class PESCLayer(nn.Module, BaseTunerLayer):
                 container[adapter_name] = container[adapter_name].to(target)
 
     def num_experts(self, adapter_name: str) -> int:
-        return self.pesc_router[adapter_name].out_features
+        return self.lora_pesc_router[adapter_name].out_features
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise ValueError(
@@ -161,7 +167,7 @@ class PESCLayer(nn.Module, BaseTunerLayer):
     def _active(self) -> list[str]:
         if self.disable_adapters:
             return []
-        return [name for name in self.active_adapters if name in self.pesc_router]
+        return [name for name in self.active_adapters if name in self.lora_pesc_router]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -177,10 +183,10 @@ class PESCLayer(nn.Module, BaseTunerLayer):
 
     def _adapter_output(self, adapter: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """``sum_k w_k * s * U_{e_k} gelu(D_{e_k} dropout(h))`` for every token (rows of ``x``/``h``)."""
-        router, down, up = self.pesc_router[adapter], self.pesc_down[adapter], self.pesc_up[adapter]
+        router, down, up = self.lora_pesc_router[adapter], self.lora_pesc_down[adapter], self.lora_pesc_up[adapter]
         dtype = down.dtype
         logits, weights, index = router(x.to(dtype))
-        self.pesc_routing[adapter] = (logits, index)
+        self.lora_pesc_routing[adapter] = (logits, index)
         num_tokens, top_k = index.shape
         pairs = index.reshape(-1)
         order = torch.argsort(pairs, stable=True)  # (token, slot) pairs grouped by expert
@@ -188,12 +194,12 @@ class PESCLayer(nn.Module, BaseTunerLayer):
         counts = torch.bincount(pairs, minlength=down.shape[0])
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         rows = h.to(dtype).unsqueeze(1).expand(num_tokens, top_k, h.shape[-1]).reshape(-1, h.shape[-1])
-        rows = self.pesc_dropout[adapter](permute_rows(rows, order, inverse))
+        rows = self.lora_pesc_dropout[adapter](permute_rows(rows, order, inverse))
         hidden = F.gelu(grouped_mm(rows, down.transpose(-2, -1), offsets))
         out = permute_rows(grouped_mm(hidden, up.transpose(-2, -1), offsets), inverse, order)
-        gates = (weights * self.pesc_scaling[adapter]).unsqueeze(-1)
+        gates = (weights * self.lora_pesc_scaling[adapter]).unsqueeze(-1)
         return (out.view(num_tokens, top_k, -1) * gates).sum(dim=1)
 
     def __repr__(self) -> str:
-        experts = {name: self.num_experts(name) for name in self.pesc_router}
+        experts = {name: self.num_experts(name) for name in self.lora_pesc_router}
         return f"pesc.{type(self).__name__}(experts={experts})\n  ({self.get_base_layer()!r})"

@@ -67,11 +67,11 @@ def router_aux_loss(
         if not isinstance(module, PESCLayer):
             continue
         for adapter in module._active():
-            routing = module.pesc_routing.get(adapter)
+            routing = module.lora_pesc_routing.get(adapter)
             if routing is None:
                 continue
             logits, index = routing
-            needs_grad = torch.is_grad_enabled() and module.pesc_router[adapter].weight.requires_grad
+            needs_grad = torch.is_grad_enabled() and module.lora_pesc_router[adapter].weight.requires_grad
             if needs_grad and not logits.requires_grad and not warned:
                 logger.warning(
                     "The PESC router logits carry no gradient (reentrant gradient checkpointing runs the forward "

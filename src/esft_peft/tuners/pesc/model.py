@@ -40,7 +40,10 @@ class PESCModel(BaseTuner):
     linears. Use it through peft: ``get_peft_model(model, PESCConfig(num_experts=8, top_k=2, adapter_dim=64))``.
     """
 
-    prefix: str = "pesc_"
+    # One prefix for every container a PESC adapter saves (peft's lora_A/lora_B and lora_pesc_*): transformers'
+    # load_adapter inserts the adapter name after key segments that start with the method's prefix, so the LoRA part
+    # and the adapter experts must share it. peft's "lora_" is taken; "lora" is not.
+    prefix: str = "lora"
     tuner_layer_cls = (PESCLayer, LoraLayer)  # set_adapter/delete_adapter reach both kinds of layers
     target_module_mapping: dict[str, list[str]] = {}
 

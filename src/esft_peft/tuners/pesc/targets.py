@@ -114,7 +114,7 @@ def _select_mlps(model: nn.Module, config: PESCConfig) -> dict[str, str]:
     else:
         chosen = {}
         for name in modules:
-            if name and BASE_LAYER not in name and ".pesc_" not in name and _matches(name, config.target_modules):
+            if name and BASE_LAYER not in name and ".lora_pesc_" not in name and _matches(name, config.target_modules):
                 located = layer_key_of_module(name)
                 if located is None:
                     raise ValueError(f"target_modules matched {name}, which is not inside a decoder layer.")
