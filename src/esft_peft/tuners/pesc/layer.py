@@ -33,9 +33,13 @@ except ImportError:  # pragma: no cover - depends on the installed transformers
 ROUTER, DOWN, UP = ROUTER_CONTAINER, "lora_pesc_down", "lora_pesc_up"
 
 
-def _strides_aligned(tensor: torch.Tensor) -> bool:
-    size = tensor.element_size()
-    return all(s * size % 16 == 0 for s in tensor.stride() if s != 1)
+def _fits_grouped_kernel(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    """torch's grouped matmul needs 16-byte strides in the forward and in the backward (gradients are contiguous):
+    the row size and both matrix sizes of every expert must be multiples of 16 bytes, as must the given strides."""
+    size = rows.element_size()
+    sizes = (rows.shape[-1], *weight.shape[-2:])
+    strides = [s for t in (rows, weight) for s in t.stride() if s != 1]
+    return all(n * size % 16 == 0 for n in (*sizes, *strides))
 
 
 def _aligned_storage(tensor: torch.Tensor) -> torch.Tensor:
@@ -60,7 +64,7 @@ def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) 
     per-expert fallback otherwise (e.g. an ``adapter_dim`` that is not a multiple of 4 in float32).
     """
     require_grouped_mm()
-    if _strides_aligned(rows) and _strides_aligned(weight):
+    if _fits_grouped_kernel(rows, weight):
         return _grouped_mm(_aligned_storage(rows), _aligned_storage(weight), offsets)
     return torch.ops.transformers.grouped_mm_fallback(rows, weight.contiguous(), offs=offsets)
 
