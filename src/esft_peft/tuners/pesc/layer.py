@@ -199,10 +199,11 @@ class PESCLayer(nn.Module, BaseTunerLayer):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         rows = h.to(dtype).unsqueeze(1).expand(num_tokens, top_k, h.shape[-1]).reshape(-1, h.shape[-1])
         rows = self.lora_pesc_dropout[adapter](permute_rows(rows, order, inverse))
-        hidden = F.gelu(grouped_mm(rows, down.transpose(-2, -1), offsets))
+        # w_k * s scales the d-wide bottleneck rather than the H-wide output (U is linear): the same sum, less work
+        gates = permute_rows(weights.reshape(-1) * self.lora_pesc_scaling[adapter], order, inverse)
+        hidden = F.gelu(grouped_mm(rows, down.transpose(-2, -1), offsets)) * gates.unsqueeze(-1)
         out = permute_rows(grouped_mm(hidden, up.transpose(-2, -1), offsets), inverse, order)
-        gates = (weights * self.lora_pesc_scaling[adapter]).unsqueeze(-1)
-        return (out.view(num_tokens, top_k, -1) * gates).sum(dim=1)
+        return out.view(num_tokens, top_k, -1).sum(dim=1)
 
     def __repr__(self) -> str:
         experts = {name: self.num_experts(name) for name in self.lora_pesc_router}
