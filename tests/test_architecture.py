@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from peft import get_peft_model
 
-from esft_peft import ESFTConfig, find_moe_layers
+from esft_peft import ESFTConfig, PESCConfig, find_moe_layers
 from esft_peft.moe.errors import UnsupportedLayoutError
 from esft_peft.moe.layouts import LAYOUTS
+from tiny_dense import make_dense_model
 from tiny_families import FAMILIES, make_model
 
 PACKAGE = Path(__file__).parents[1] / "src" / "esft_peft"
@@ -84,8 +85,10 @@ def test_the_delta_marker_is_written_once():
 
 def test_one_layout_class_per_kind_and_every_family_detected():
     kinds = [layout.kind for layout in LAYOUTS]
-    assert len(set(kinds)) == len(kinds) == 5
+    assert len(set(kinds)) == len(kinds) == 6
     found = {family: {layer.kind for layer in find_moe_layers(make_model(family)).values()} for family in FAMILIES}
+    crafted = get_peft_model(make_dense_model("llama"), PESCConfig(num_experts=4, top_k=2, adapter_dim=8))
+    found["pesc"] = {layer.kind for layer in find_moe_layers(crafted).values()}
     assert set().union(*found.values()) == set(kinds), found
     assert all(len(layouts) == 1 for layouts in found.values()), found
 

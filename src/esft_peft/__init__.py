@@ -1,6 +1,6 @@
 """esft-peft: expert-level parameter-efficient fine-tuning of Mixture-of-Experts LLMs as Hugging Face PEFT methods.
 
-Importing the package registers ``"ESFT"`` with peft.
+Importing the package registers ``"ESFT"`` and ``"PESC"`` with peft.
 """
 
 from .moe.discovery import MoELayer, find_moe_layers
@@ -15,6 +15,15 @@ from .scoring import (
     score_experts,
 )
 from .tuners.esft import ESFTConfig, ESFTLayer, ESFTModel, ExpertsDeltaLayer, ModuleDeltaLayer, register_esft
+from .tuners.pesc import (
+    PESCConfig,
+    PESCLayer,
+    PESCModel,
+    load_balancing_loss,
+    load_official_pesc,
+    register_pesc,
+    router_aux_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -28,11 +37,18 @@ __all__ = [
     "ModuleDeltaLayer",
     "MoELayer",
     "NotAnMoEModelError",
+    "PESCConfig",
+    "PESCLayer",
+    "PESCModel",
     "TaskComparison",
     "compare_tasks",
     "find_moe_layers",
+    "load_balancing_loss",
+    "load_official_pesc",
     "plot_comparison",
     "plot_scores",
     "register_esft",
+    "register_pesc",
+    "router_aux_loss",
     "score_experts",
 ]

@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 
 from ..conversations import encode_conversation
 from ..defaults import EXPERT_CONFIG_NAME, PAPER_SEQUENCE_LENGTH, PAPER_TOKEN_BUDGET, PAPER_TOP_P
+from .pesc import add_pesc_arguments
 
 logger = logging.getLogger("esft_peft.cli")
 
@@ -29,6 +30,7 @@ EXAMPLES = """examples:
   esft-peft score --model deepseek-ai/ESFT-vanilla-lite --data train.jsonl --out scores.json --heatmap scores.png
   esft-peft select --scores scores.json --score-function token --top-p 0.2 --out expert_cfg.json
   esft-peft train --model deepseek-ai/ESFT-vanilla-lite --data train.jsonl --expert-config expert_cfg.json --out adapter
+  esft-peft train --method pesc --model meta-llama/Llama-3.2-1B --data train.jsonl --num-experts 8 --out pesc-adapter
   esft-peft merge --base deepseek-ai/ESFT-vanilla-lite --adapter adapter --out merged
   esft-peft push --adapter adapter --repo my-org/my-esft-adapter
   esft-peft convert --from-official official_dir --base deepseek-ai/ESFT-vanilla-lite --out adapter
@@ -237,6 +239,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     from ..training import ExpertWeightDecayCallback, esft_training_arguments, gather_adapter_state_dict
     from ..tuners.esft.config import ESFTConfig
 
+    if args.method == "pesc":
+        from .pesc import pesc_config, train_pesc
+
+        pesc_config(args)  # bad settings fail before anything is loaded
+        _check_out(args, args.model, args.data, args.chat_template)
+        tokenizer = load_tokenizer(args.model, args.chat_template)
+        dataset = training_dataset(load_records(args.data, args.split, args.limit), tokenizer, args)
+        train_pesc(args, tokenizer, dataset, load_model)
+        return
+    if args.expert_config is None:
+        raise CLIError("--expert-config is required with --method esft")
     if not Path(args.expert_config).is_file():
         raise CLIError(f"expert config not found: {args.expert_config}")
     _check_out(args, args.model, args.data, args.expert_config, args.chat_template)
@@ -484,7 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(AdamW 0.9/0.95, weight decay 0.1, lr 1e-5, constant schedule, 500 steps).")
     _add_model(train)
     _add_data(train)
-    train.add_argument("--expert-config", required=True, metavar="FILE", help="expert config JSON (official format)")
+    train.add_argument("--method", choices=("esft", "pesc"), default="esft",
+                       help="esft: train selected experts of an MoE (default); pesc: craft a dense model into a "
+                       "mixture of adapter experts (see the PESC options)")
+    train.add_argument("--expert-config", metavar="FILE", help="expert config JSON (official format; --method esft)")
     _add_out(train, "DIR", "adapter directory to write (written atomically, once training ends)")
     train.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimizer steps (default: 500)")
     train.add_argument("--learning-rate", type=float, metavar="LR", help="learning rate (default: 1e-5)")
@@ -500,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weight decay pulls the trained experts' weights toward zero, as the ESFT authors' AdamW "
                        "(default: it pulls the deltas toward zero, i.e. the experts toward their base weights)")
     train.add_argument("--device", help="torch device (the Trainer picks one when omitted)")
+    add_pesc_arguments(train)
     train.set_defaults(func=cmd_train)
 
     merge = add_command("merge", help="merge an adapter into its base and save a plain checkpoint",

@@ -174,7 +174,7 @@ def verify_safetensors(path: PathLike) -> dict[str, Any]:
 
 
 def check_adapter_weights(
-    model_id: PathLike, subfolder: Optional[str] = None, **hub_kwargs: Any
+    model_id: PathLike, subfolder: Optional[str] = None, method: str = "ESFT", **hub_kwargs: Any
 ) -> Optional[tuple[Path, dict[str, Any]]]:
     """Refuse pickle-only adapters and check the safetensors weights of a local or Hub adapter before loading.
 
@@ -190,7 +190,7 @@ def check_adapter_weights(
         if not weights.is_file():
             if (local / WEIGHTS_NAME).is_file():
                 raise CorruptAdapterError(
-                    f"{local} holds only {WEIGHTS_NAME} (a pickle). ESFT adapters are loaded from safetensors only; "
+                    f"{local} holds only {WEIGHTS_NAME} (a pickle). {method} adapters are loaded from safetensors only; "
                     f"convert it with a trusted tool to {SAFETENSORS_WEIGHTS_NAME}."
                 )
             return None
@@ -202,7 +202,7 @@ def check_adapter_weights(
             weights = Path(hf_hub_download(str(model_id), SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs))
         except EntryNotFoundError:
             raise CorruptAdapterError(
-                f"The Hub repo {model_id} has no {SAFETENSORS_WEIGHTS_NAME}; ESFT adapters are loaded from safetensors "
+                f"The Hub repo {model_id} has no {SAFETENSORS_WEIGHTS_NAME}; {method} adapters are loaded from safetensors "
                 "only."
             ) from None
     header = verify_safetensors(weights)

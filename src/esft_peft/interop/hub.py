@@ -17,7 +17,9 @@ from peft import PeftModel
 
 from ..tuners.esft.config import ESFTConfig
 from ..tuners.esft.layer import DELTA_CONTAINER
+from ..tuners.pesc.config import PESCConfig
 from .files import atomic_write_text
+from .pesc_card import pesc_model_card_text
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +48,11 @@ def model_card_text(
     peft_model: PeftModel, repo_id: Optional[str] = None, adapter_name: str = "default",
     description: Optional[str] = None,
 ) -> str:
-    """The model card (YAML metadata + Markdown) of an ESFT adapter."""
+    """The model card (YAML metadata + Markdown) of an ESFT adapter (or of a PESC adapter, see
+    :mod:`esft_peft.interop.pesc_card`)."""
     config = peft_model.peft_config[adapter_name]
+    if isinstance(config, PESCConfig):
+        return pesc_model_card_text(peft_model, repo_id, adapter_name, description)
     if not isinstance(config, ESFTConfig):
         raise ValueError(f"Adapter {adapter_name!r} is not an ESFT adapter.")
     base = config.base_model_name_or_path or "BASE_MODEL"
@@ -121,11 +126,12 @@ def push_adapter(
     private: Optional[bool] = None,
     token: Optional[Union[str, bool]] = None,
     revision: Optional[str] = None,
-    commit_message: str = "Upload ESFT adapter",
+    commit_message: Optional[str] = None,
     create_pr: bool = False,
     description: Optional[str] = None,
 ):
-    """Upload an ESFT adapter (weights, ``adapter_config.json``, generated model card) to the Hub in one commit.
+    """Upload an ESFT or PESC adapter (weights, ``adapter_config.json``, generated model card) to the Hub in one
+    commit.
 
     Returns huggingface_hub's ``CommitInfo``.
     """
@@ -143,5 +149,6 @@ def push_adapter(
         ]
         logger.info("Uploading %d files to %s", len(operations), repo_id)
         return api.create_commit(
-            repo_id, operations, commit_message=commit_message, revision=revision, create_pr=create_pr
+            repo_id, operations, revision=revision, create_pr=create_pr,
+            commit_message=commit_message or f"Upload {peft_model.peft_config[adapter_name].peft_type.value} adapter",
         )

@@ -16,9 +16,10 @@ from .fused import FusedExperts
 from .jetmoe import JetMoeExperts
 from .llama4 import Llama4Experts
 from .module_list import ModuleListExperts
+from .pesc import PESCExperts
 
 LAYOUTS: tuple[ExpertsLayout, ...] = (
-    FusedExperts(), DbrxExperts(), Llama4Experts(), JetMoeExperts(), ModuleListExperts()
+    PESCExperts(), FusedExperts(), DbrxExperts(), Llama4Experts(), JetMoeExperts(), ModuleListExperts()
 )
 BY_KIND: dict[str, ExpertsLayout] = {layout.kind: layout for layout in LAYOUTS}
 

@@ -87,15 +87,22 @@ def unwrap(module: nn.Module) -> nn.Module:
     return get_base_layer() if callable(get_base_layer) else module
 
 
+def crafts_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is a tuner layer that turns the dense module it wraps into a mixture of experts (PESC):
+    discovery then sees the tuner layer itself, not the dense module behind it."""
+    return bool(getattr(type(module), "crafts_experts", False))
+
+
 def named_base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules`` with peft wrappers resolved to the module they wrap and adapter internals skipped."""
+    """``named_modules`` with peft wrappers resolved to the module they wrap (except layers that craft experts) and
+    adapter internals skipped."""
     wrapped: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in wrapped):
             continue
         if module is not unwrap(module):
             wrapped.append(name + ".")
-        yield name, unwrap(module)
+        yield name, module if crafts_experts(module) else unwrap(module)
 
 
 class ExpertsLayout(ABC):

@@ -1,0 +1,114 @@
+"""``esft-peft train --method pesc``: craft a dense model into a mixture of adapter experts and train it
+(the PESC paper's recipe as defaults: lr 2e-4 constant with warm-up, max_grad_norm 0.3, LoRA r=64/alpha=16 on
+every linear with --lora-r 64, QLoRA with --load-in-4bit)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+# The authors' train_moe.py (paged AdamW 32-bit on GPU; plain AdamW on CPU), 500 steps as the ESFT default.
+PESC_TRAINING = {
+    "max_steps": 500,
+    "learning_rate": 2e-4,
+    "lr_scheduler_type": "constant_with_warmup",
+    "warmup_steps": 10,
+    "max_grad_norm": 0.3,
+    "weight_decay": 0.0,
+}
+
+
+def add_pesc_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``train`` options of ``--method pesc`` (ignored by ESFT)."""
+    group = parser.add_argument_group("PESC (--method pesc)")
+    group.add_argument("--num-experts", type=int, default=8, metavar="E", help="adapter experts per MLP (default: 8)")
+    group.add_argument("--top-k", type=int, default=2, metavar="K", help="experts per token (default: 2)")
+    group.add_argument("--adapter-dim", type=int, default=64, metavar="D", help="adapter bottleneck (default: 64)")
+    group.add_argument("--adapter-scaling", type=float, default=1.0, metavar="S", help="adapter output scaling")
+    group.add_argument("--adapter-dropout", type=float, default=0.1, metavar="P", help="adapter input dropout")
+    group.add_argument("--router-aux-loss-coef", type=float, default=0.01, metavar="A",
+                       help="weight of the load-balancing loss (default, the paper's: 0.01)")
+    group.add_argument("--layers", type=int, nargs="+", metavar="L", help="only upcycle these decoder layers")
+    group.add_argument("--lora-r", type=int, default=0, metavar="R",
+                       help="rank of the LoRA part on every linear (the paper: 64; default 0 = no LoRA)")
+    group.add_argument("--lora-alpha", type=int, default=16, metavar="A", help="LoRA alpha (default: 16)")
+    group.add_argument("--lora-dropout", type=float, default=0.1, metavar="P", help="LoRA dropout (default: 0.1)")
+    group.add_argument("--load-in-4bit", action="store_true",
+                       help="QLoRA: load the base in bitsandbytes 4-bit nf4 (double quantisation); needs "
+                       "esft-peft[qlora]")
+
+
+def pesc_config(args: argparse.Namespace):
+    from ..tuners.pesc.config import PESCConfig
+
+    return PESCConfig(
+        num_experts=args.num_experts, top_k=args.top_k, adapter_dim=args.adapter_dim,
+        adapter_scaling=args.adapter_scaling, adapter_dropout=args.adapter_dropout,
+        router_aux_loss_coef=args.router_aux_loss_coef, layers_to_transform=args.layers, lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, base_model_name_or_path=args.model,
+    )
+
+
+def _load_base(args: argparse.Namespace, load_model: Callable[..., Any]):
+    if not args.load_in_4bit:
+        return load_model(args.model, args.dtype, args.device)
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute = torch.bfloat16 if args.dtype in ("auto", "bfloat16") else getattr(torch, args.dtype)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=compute)
+    return AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quantization).eval()
+
+
+def train_pesc(args: argparse.Namespace, tokenizer: Any, dataset: Any, load_model: Callable[..., Any]) -> None:
+    """Craft, train (transformers Trainer) and save a PESC adapter with its model card to ``args.out``."""
+    import torch
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from ..interop.files import atomic_directory_write
+    from ..interop.pesc_card import pesc_adapter_parameters
+    from ..interop.hub import write_model_card
+
+    config = pesc_config(args)  # validated before the model is loaded
+    model = get_peft_model(_load_base(args, load_model), config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        count = pesc_adapter_parameters(model)
+        print(f"crafting {len(config.base_shapes)} MLPs into {config.num_experts} adapter experts (top-{config.top_k})"
+              f": {count:,} adapter parameters")
+    overrides = {
+        key: value for key, value in {
+            "max_steps": args.max_steps, "learning_rate": args.learning_rate,
+            "per_device_train_batch_size": args.batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
+            "logging_steps": args.logging_steps,
+        }.items() if value is not None
+    }
+    checkpointing = not args.no_gradient_checkpointing
+    with tempfile.TemporaryDirectory(prefix="pesc-train-") as work:
+        training_args = TrainingArguments(**{
+            **PESC_TRAINING, "output_dir": work, "use_cpu": not torch.accelerator.is_available(),
+            "per_device_train_batch_size": 8, "gradient_checkpointing": checkpointing,
+            "gradient_checkpointing_kwargs": {"use_reentrant": False}, "logging_steps": 10, "save_strategy": "no",
+            "report_to": [], "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+            "optim": "paged_adamw_32bit" if args.load_in_4bit and torch.cuda.is_available() else "adamw_torch",
+            **overrides,
+        })
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator)
+        trainer.train()
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        trainer.state.save_to_json(str(tmp / "trainer_state.json"))
+        write_model_card(model, tmp)
+
+    if trainer.is_world_process_zero():
+        atomic_directory_write(args.out, write, overwrite=args.overwrite)
+        print(f"adapter -> {args.out}")
+    trainer.accelerator.wait_for_everyone()
