@@ -63,7 +63,7 @@ def test_construction_validation(experts, message):
 
 def test_bad_official_file(tmp_path):
     (tmp_path / "x.json").write_text('{"layers": {}}')
-    with pytest.raises(ValueError, match="Not an ESFT expert config"):
+    with pytest.raises(ValueError, match="x.json is not an ESFT expert config"):
         ESFTConfig.from_expert_config(tmp_path / "x.json")
 
 
