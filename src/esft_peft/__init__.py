@@ -3,7 +3,11 @@
 Importing the package registers ``"ESFT"`` and ``"PESC"`` with peft.
 """
 
-from .moe.discovery import MoELayer, find_moe_layers
+from .known_noise import drop_known_noise
+
+drop_known_noise()  # before peft imports bitsandbytes
+
+from .moe.discovery import MoELayer, find_moe_layers  # noqa: E402
 from .moe.errors import NotAnMoEModelError
 from .scoring import (
     ExpertScores,
