@@ -66,6 +66,9 @@ class ESFTConfig(PeftConfig):
         base_layout: Per listed layer, the expert count and per-expert parameter shapes of the base (filled at
             injection, checked on load so that an adapter for another base fails before weights are touched).
         target_modules: Not used by ESFT (modules follow from ``experts``); must stay ``None``.
+        init_weights: peft's convention: ``True`` (default) starts every delta at zero, so the adapter model
+            reproduces the base exactly; ``False`` draws random deltas (normal, with std equal to the RMS of the base
+            weights they update), so that an untrained adapter changes the outputs. For tests and debugging only.
     """
 
     experts: dict[str, list[int]] = field(default_factory=dict, metadata={"help": "layer index -> expert ids"})
@@ -78,6 +81,9 @@ class ESFTConfig(PeftConfig):
     base_model_type: Optional[str] = field(default=None, metadata={"help": "filled at injection"})
     base_layout: Optional[dict[str, Any]] = field(default=None, metadata={"help": "filled at injection"})
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "unused by ESFT; keep None"})
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: zero deltas (identity); False: random deltas, for tests"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +101,10 @@ class ESFTConfig(PeftConfig):
             if isinstance(names, str) or not all(isinstance(name, str) and name for name in names):
                 raise ValueError("`train_non_expert_modules` must be a bool or a list of module-name suffixes.")
             self.train_non_expert_modules = list(names)
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(
+                f"`init_weights` must be True (zero deltas) or False (random deltas, for tests), got {self.init_weights!r}."
+            )
 
     @property
     def num_selected_experts(self) -> int:

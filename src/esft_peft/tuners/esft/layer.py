@@ -16,7 +16,7 @@ from torch import nn
 
 from ...moe.layouts import ExpertsLayout
 from ...moe.layouts.base import with_delta
-from ...moe.partitioned import logical_shape
+from ...moe.partitioned import is_partitioned, logical_shape
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,33 @@ def _scaled(weight: float, tensor: torch.Tensor) -> torch.Tensor:
     return tensor if weight == 1.0 else weight * tensor
 
 
+# ``init_weights=False``: random deltas with std this multiple of the RMS of the weights they update (of the order of
+# LoRA's ``init_lora_weights=False`` update, so that an untrained adapter visibly changes the outputs of a tiny
+# model; a fixed std where those weights are zero or partitioned by ZeRO-3).
+RANDOM_INIT_SCALE = 1.0
+RANDOM_INIT_FALLBACK_STD = 0.02
+
+
+def _new_delta(
+    shape: tuple[int, ...], base: torch.Tensor, init_weights: bool, rows: Optional[list[int]] = None, **kwargs: Any
+) -> nn.Parameter:
+    """A delta for ``base`` (for its ``rows`` when given): zeros, the identity (peft's ``init_weights=True``), or
+    random values (``init_weights=False``, for tests)."""
+    delta = torch.zeros(shape, dtype=base.dtype, device=base.device)
+    if not init_weights:
+        updated = base if rows is None or is_partitioned(base) else base[torch.tensor(rows, device=base.device)]
+        rms = 0.0 if is_partitioned(updated) else updated.detach().float().pow(2).mean().sqrt().item()
+        delta.normal_(0.0, RANDOM_INIT_SCALE * rms if rms > 0 else RANDOM_INIT_FALLBACK_STD)
+    return nn.Parameter(delta, **kwargs)
+
+
+def _in_out_features(module: nn.Module) -> tuple[Optional[int], Optional[int]]:
+    """``(in_features, out_features)`` as peft's tuner layers expose them; ``(None, None)`` where undefined."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return getattr(module, "in_features", None), getattr(module, "out_features", None)
+
+
 DELTA_CONTAINER = "esft_delta"  # the adapter parameters' container: every ESFT state-dict key holds ".esft_delta."
 
 
@@ -72,8 +99,10 @@ class ESFTLayer(BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
+        self.in_features, self.out_features = _in_out_features(base_layer)
         self.esft_delta = nn.ModuleDict()
         self._merge_backup: dict[str, dict[str, torch.Tensor]] = {}
+        self._forced_adapters: Optional[list[str]] = None  # set while a mixed-adapter batch runs (mixed_batch.py)
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -86,13 +115,14 @@ class ESFTLayer(BaseTunerLayer):
             self.esft_delta[adapter_name] = self.esft_delta[adapter_name].to(target)
 
     def _adapters_to_apply(self) -> list[str]:
-        """The active adapters whose deltas this forward applies: none when adapters are disabled (a merged one is
-        unmerged first) or merged."""
+        """The adapters whose deltas this forward applies: the active ones (or, in a mixed-adapter batch, the current
+        sample group's); none when adapters are disabled (a merged one is unmerged first) or merged."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return []
-        return [] if self.merged else [name for name in self.active_adapters if name in self.esft_delta]
+        adapters = self.active_adapters if self._forced_adapters is None else self._forced_adapters
+        return [] if self.merged else [name for name in adapters if name in self.esft_delta]
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Write ``W + delta`` (:func:`with_delta`, the weights the forward uses) into the base; the replaced
@@ -105,7 +135,7 @@ class ESFTLayer(BaseTunerLayer):
                 backup = {name: weight.detach().clone() for name, weight in self.base_weights(adapter).items()}
                 merged = {name: with_delta(backup[name], delta) for name, delta in self.esft_delta[adapter].items()}
                 if safe_merge and not all(torch.isfinite(t).all() for t in merged.values()):
-                    raise ValueError(f"NaNs/Infs detected when merging adapter {adapter!r}; nothing was merged.")
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
                 for name, value in merged.items():
                     self._write_base_weights(adapter, name, value)
                     applied = value.float() - backup[name].float()
@@ -126,7 +156,7 @@ class ESFTLayer(BaseTunerLayer):
 
 
 class ExpertsDeltaLayer(nn.Module, ESFTLayer):
-    """Wraps an experts container; holds one zero-initialised delta row per *selected* expert.
+    """Wraps an experts container; holds one delta row per *selected* expert (zeros unless ``init_weights=False``).
 
     ``esft_delta[adapter][param]`` has shape ``(len(ids), *per_expert_shape)``; row ``j`` belongs to expert
     ``esft_expert_ids[adapter][j]``. The layout's route-split forward computes the pairs routed to selected experts
@@ -135,20 +165,25 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
 
     other_param_names = ("esft_expert_ids",)
 
-    def __init__(self, base_layer: nn.Module, layout: ExpertsLayout, adapter_name: str, expert_ids: list[int]) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        layout: ExpertsLayout,
+        adapter_name: str,
+        expert_ids: list[int],
+        init_weights: bool = True,
+    ) -> None:
         super().__init__()
         ESFTLayer.__init__(self, base_layer)
         self.layout = layout
         self.esft_expert_ids: dict[str, list[int]] = {}
-        self.update_layer(adapter_name, expert_ids)
+        self.update_layer(adapter_name, expert_ids, init_weights)
 
-    def update_layer(self, adapter_name: str, expert_ids: list[int]) -> None:
+    def update_layer(self, adapter_name: str, expert_ids: list[int], init_weights: bool = True) -> None:
         views = self.layout.expert_views(self.get_base_layer())
         deltas = nn.ParameterDict(
             {
-                name: nn.Parameter(
-                    torch.zeros((len(expert_ids), *logical_shape(view)[1:]), dtype=view.dtype, device=view.device)
-                )
+                name: _new_delta((len(expert_ids), *logical_shape(view)[1:]), view, init_weights, rows=expert_ids)
                 for name, view in views.items()
             }
         )
@@ -214,24 +249,23 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
 
 class ModuleDeltaLayer(nn.Module, ESFTLayer):
     """Wraps a module that owns parameters (a Linear of a ModuleList expert, a shared expert's projection, a norm,
-    a router, ...); holds one zero-initialised delta per direct parameter.
+    a router, ...); holds one delta per direct parameter (zeros unless ``init_weights=False``).
 
     The module runs with ``weight + delta`` in place of its weights (a Linear computes ``F.linear(x, W + delta)``;
     routers that subclass Linear but return tuples run their own forward). A zero delta reproduces the base exactly.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, init_weights: bool = True) -> None:
         super().__init__()
         ESFTLayer.__init__(self, base_layer)
-        self.update_layer(adapter_name)
+        self.update_layer(adapter_name, init_weights=init_weights)
 
-    def update_layer(self, adapter_name: str, *_: Any) -> None:
+    def update_layer(self, adapter_name: str, expert_ids: Any = None, init_weights: bool = True) -> None:
+        """Add ``adapter_name``'s deltas (``expert_ids`` is unused: this layer holds whole-module deltas)."""
         params = dict(self.get_base_layer().named_parameters(recurse=False))
         self.esft_delta[adapter_name] = nn.ParameterDict(
             {
-                name: nn.Parameter(
-                    torch.zeros(logical_shape(param), dtype=param.dtype, device=param.device), requires_grad=False
-                )
+                name: _new_delta(logical_shape(param), param, init_weights, requires_grad=False)
                 for name, param in params.items()
             }
         )

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Any, Iterator
+
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import ESFTConfig
 from .layer import ESFTLayer, ExpertsDeltaLayer, ModuleDeltaLayer
+from .mixed_batch import mixed_adapter_batch
 from .saved import check_saved_adapter
 from .targets import plan_targets
 
@@ -36,12 +40,14 @@ class ESFTModel(BaseTuner):
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key) -> None:
         spec = getattr(peft_config, PLAN_ATTRIBUTE)[current_key]
         if isinstance(target, ESFTLayer):
-            target.update_layer(adapter_name, list(spec.expert_ids))
+            target.update_layer(adapter_name, list(spec.expert_ids), init_weights=peft_config.init_weights)
             return
         if spec.layout is None:
-            new_module = ModuleDeltaLayer(target, adapter_name)
+            new_module = ModuleDeltaLayer(target, adapter_name, init_weights=peft_config.init_weights)
         else:
-            new_module = ExpertsDeltaLayer(target, spec.layout, adapter_name, list(spec.expert_ids))
+            new_module = ExpertsDeltaLayer(
+                target, spec.layout, adapter_name, list(spec.expert_ids), init_weights=peft_config.init_weights
+            )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -50,6 +56,26 @@ class ESFTModel(BaseTuner):
         # Needed: peft's version copies `child.weight` onto the unwrapped module in unload()/merge_and_unload(),
         # and experts containers have no `.weight` (AttributeError). Deltas are created on the base's device.
         setattr(parent, child_name, new_module)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """peft calls this around forward/generate: ``adapter_names=[...]`` runs each sample with its own adapter
+        (``"__base__"``: none), exactly as a batch of the samples that use that adapter (see ``mixed_batch.py``)."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        router_logits = kwargs.get("output_router_logits")
+        if router_logits is None:
+            router_logits = getattr(getattr(self.model, "config", None), "output_router_logits", False)
+        if router_logits:
+            raise ValueError(
+                "Cannot pass `adapter_names` together with output_router_logits=True: the router runs once per group "
+                "of samples sharing an adapter, so its logits would not be per sample. Run one adapter per batch "
+                "to get router logits."
+            )
+        with mixed_adapter_batch(self, adapter_names, set(self.peft_config), kwargs.get("num_beams")):
+            yield
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
         """Combine ESFT adapters into a new one: per expert, the weighted sum of the deltas of the adapters that

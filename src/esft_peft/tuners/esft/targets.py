@@ -127,6 +127,20 @@ def _non_expert_targets(model: nn.Module, config: ESFTConfig, layers: dict[str, 
     return {name: Target() for name in chosen}
 
 
+def _check_not_nested(plan: dict[str, Target]) -> None:
+    """A tuner layer replaces its module, so a module holding parameters of its own and a module inside it cannot
+    both be wrapped (peft would no longer find the inner one)."""
+    for name in plan:
+        parts = name.split(".")
+        outer = next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in plan), None)
+        if outer is not None:
+            raise ValueError(
+                f"ESFT cannot train both {outer} (it holds parameters of its own) and {name} inside it: a tuner layer "
+                "wraps a whole module. Leave one of them out, e.g. list the modules to train explicitly with "
+                "train_non_expert_modules=[...] instead of True, or set train_router/train_shared_experts=False."
+            )
+
+
 def plan_targets(model: nn.Module, config: ESFTConfig) -> dict[str, Target]:
     """Module name -> what to wrap it with, for one adapter config. Validates before anything is touched."""
     layers = find_moe_layers(model)
@@ -151,4 +165,5 @@ def plan_targets(model: nn.Module, config: ESFTConfig) -> dict[str, Target]:
             plan.update(_dense_targets(model, layer.router_names))
     if config.train_non_expert_modules:
         plan.update(_non_expert_targets(model, config, layers))
+    _check_not_nested(plan)
     return plan

@@ -1,0 +1,179 @@
+"""Mixed-adapter batches: peft's ``adapter_names=`` forward/generate argument, one adapter per sample.
+
+LoRA adds each sample's low-rank update to a shared base output. An ESFT delta instead changes the weights of the
+experts a token is routed to, and inside an MoE block the tokens of all samples are flattened and regrouped by
+expert, so which sample a row belongs to is lost below the block. The batch is therefore split where samples are
+still rows: at each MoE block that holds ESFT layers, and at each ESFT layer outside such blocks (attention
+projections, norms, dense MLPs, ...). There each group of samples that share an adapter runs once with that
+adapter (``"__base__"``: none), and the group outputs are put back in sample order. Everything else (attention
+across the sequence, the unadapted layers) runs on the whole batch as usual, so every sample computes exactly what
+it computes in a batch of the samples that use its adapter.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from peft.utils import AuxiliaryTrainingWrapper
+from torch import nn
+
+from ...moe.discovery import find_moe_layers
+from .layer import ESFTLayer
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in adapter_names
+
+
+def _check_names(adapter_names: Any, known: set[str]) -> list[str]:
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+    if not all(isinstance(name, str) for name in adapter_names):
+        raise TypeError(f"Got adapter names {list(adapter_names)!r}, expected a list of str.")
+    unexpected = {name for name in adapter_names if name != BASE_ADAPTER} - known
+    if unexpected:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(map(str, unexpected)))}")
+    return list(adapter_names)
+
+
+def _scopes(model: nn.Module) -> dict[nn.Module, list[ESFTLayer]]:
+    """Module where the batch is split -> the ESFT layers that run inside it: the MoE blocks holding ESFT layers,
+    and every ESFT layer outside them (its own scope)."""
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, ESFTLayer)}
+    blocks = [layer.block_name for layer in find_moe_layers(model).values()]
+    scopes: dict[nn.Module, list[ESFTLayer]] = {}
+    for name, layer in layers.items():
+        block = next((b for b in blocks if name == b or name.startswith(b + ".")), None)
+        scope = model.get_submodule(block) if block is not None else layer
+        scopes.setdefault(scope, []).append(layer)
+    return scopes
+
+
+def _take(value: Any, batch: int, index: torch.Tensor) -> Any:
+    """The rows ``index`` of a per-sample tensor argument (leading dimension ``batch``); anything else unchanged."""
+    return value[index] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch else value
+
+
+def _combine(parts: list[Any], groups: list[torch.Tensor], batch: int, tokens: int, where: str) -> Any:
+    """Reassemble the outputs of the sample groups in sample order. Tensors have one row per sample or one row per
+    token (``tokens`` per sample, sample-major, as MoE blocks flatten them); tuples/lists are combined item-wise."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        out = None
+        for part, index in zip(parts, groups):
+            size = len(index)
+            if part.dim() and part.shape[0] == size:
+                out = part.new_empty((batch, *part.shape[1:])) if out is None else out
+                out[index] = part
+            elif part.dim() and part.shape[0] == size * tokens:
+                out = part.new_empty((batch * tokens, *part.shape[1:])) if out is None else out
+                out.view(batch, tokens, *part.shape[1:])[index] = part.view(size, tokens, *part.shape[1:])
+            else:
+                raise ValueError(
+                    f"Cannot split a mixed-adapter batch at {where}: it returned a tensor of shape "
+                    f"{tuple(part.shape)}, with neither one row per sample nor one per token. Run one adapter per batch."
+                )
+        return out
+    if isinstance(first, (tuple, list)):
+        items = [_combine([part[i] for part in parts], groups, batch, tokens, where) for i in range(len(first))]
+        return type(first)(items)
+    if all(part is None for part in parts):
+        return None
+    raise ValueError(
+        f"Cannot split a mixed-adapter batch at {where}: it returned {type(first).__name__}. Run one adapter per batch."
+    )
+
+
+def _split_forward(
+    scope: nn.Module,
+    forward: Callable,
+    layers: list[ESFTLayer],
+    names_by_batch: dict[int, list[str]],
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """Call ``forward`` once per group of samples sharing an adapter, with ``layers`` applying that adapter."""
+    hidden = next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
+    batch = None if hidden is None or not hidden.dim() else hidden.shape[0]
+    names = names_by_batch.get(batch)
+    if names is None:
+        lengths = " or ".join(str(length) for length in names_by_batch)
+        raise ValueError(
+            "Length of `adapter_names` should be the same as the number of inputs, but got "
+            f"{lengths} and {batch} respectively (at {type(scope).__name__})."
+        )
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(names):
+        groups.setdefault(name, []).append(row)
+    parts, indices = [], []
+    for name, rows in groups.items():
+        for layer in layers:
+            layer._forced_adapters = [] if name == BASE_ADAPTER else [name]
+        try:
+            if len(groups) == 1:
+                return forward(*args, **kwargs)
+            index = torch.tensor(rows, device=hidden.device)
+            sub_args = [_take(value, batch, index) for value in args]
+            sub_kwargs = {key: _take(value, batch, index) for key, value in kwargs.items()}
+            parts.append(forward(*sub_args, **sub_kwargs))
+            indices.append(index)
+        finally:
+            for layer in layers:
+                layer._forced_adapters = None
+    tokens = hidden.shape[1] if hidden.dim() > 2 else 1
+    return _combine(parts, indices, batch, tokens, type(scope).__name__)
+
+
+def _inject_adapter_names(names_by_batch: dict[int, list[str]]) -> Callable:
+    """A pre-forward hook passing a modules_to_save wrapper the names for the batch it sees."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        batch = len(args[0]) if args else None
+        return args, {**kwargs, "adapter_names": names_by_batch.get(batch, next(iter(names_by_batch.values())))}
+
+    return hook
+
+
+@contextmanager
+def mixed_adapter_batch(
+    tuner: nn.Module, adapter_names: Any, known: set[str], num_beams: Optional[int] = None
+) -> Iterator[None]:
+    """While active, the ESFT layers of ``tuner`` run sample ``i`` with adapter ``adapter_names[i]``.
+
+    Refused in training mode and with merged adapters (peft's rules and wording). With beam search each name is
+    repeated ``num_beams`` times, as the samples are; modules that see the unexpanded batch (an encoder) get the
+    names as given. peft's ``modules_to_save`` wrappers receive the names and split the batch themselves.
+    """
+    if tuner.training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    names = _check_names(adapter_names, known)
+    layers = [module for module in tuner.modules() if isinstance(module, ESFTLayer)]
+    if any(layer.merged for layer in layers):
+        raise ValueError(
+            "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+        )
+    names_by_batch = {len(names): names}
+    if isinstance(num_beams, int) and num_beams > 1:
+        names_by_batch[len(names) * num_beams] = [name for name in names for _ in range(num_beams)]
+    replaced: list[tuple[nn.Module, Optional[Callable]]] = []
+    handles = []
+    try:
+        for scope, inner in _scopes(tuner.model).items():
+            own = vars(scope).get("forward")
+            replaced.append((scope, own))
+            vars(scope)["forward"] = lambda *a, _s=scope, _f=scope.forward, _l=inner, **kw: _split_forward(
+                _s, _f, _l, names_by_batch, *a, **kw
+            )
+        for module in tuner.modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                hook = _inject_adapter_names(names_by_batch)
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for scope, own in replaced:
+            if own is None:
+                vars(scope).pop("forward", None)
+            else:
+                vars(scope)["forward"] = own
