@@ -179,12 +179,18 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         self.esft_expert_ids: dict[str, list[int]] = {}
         self.update_layer(adapter_name, expert_ids, init_weights)
 
+    @staticmethod
+    def delta_specs(base: nn.Module, layout: ExpertsLayout, expert_ids: list[int]) -> dict[str, tuple[tuple, Any]]:
+        """Parameter name -> (delta shape, base tensor it follows) for ``expert_ids`` of the experts ``base``."""
+        return {name: ((len(expert_ids), *logical_shape(view)[1:]), view)
+                for name, view in layout.expert_views(base).items()}
+
     def update_layer(self, adapter_name: str, expert_ids: list[int], init_weights: bool = True) -> None:
-        views = self.layout.expert_views(self.get_base_layer())
+        specs = self.delta_specs(self.get_base_layer(), self.layout, expert_ids)
         deltas = nn.ParameterDict(
             {
-                name: _new_delta((len(expert_ids), *logical_shape(view)[1:]), view, init_weights, rows=expert_ids)
-                for name, view in views.items()
+                name: _new_delta(shape, view, init_weights, rows=expert_ids)
+                for name, (shape, view) in specs.items()
             }
         )
         self.esft_delta[adapter_name] = deltas
@@ -260,13 +266,17 @@ class ModuleDeltaLayer(nn.Module, ESFTLayer):
         ESFTLayer.__init__(self, base_layer)
         self.update_layer(adapter_name, init_weights=init_weights)
 
+    @staticmethod
+    def delta_specs(base: nn.Module) -> dict[str, tuple[tuple, Any]]:
+        """Parameter name -> (delta shape, base parameter) for the direct parameters of ``base``."""
+        return {name: (tuple(logical_shape(param)), param) for name, param in base.named_parameters(recurse=False)}
+
     def update_layer(self, adapter_name: str, expert_ids: Any = None, init_weights: bool = True) -> None:
         """Add ``adapter_name``'s deltas (``expert_ids`` is unused: this layer holds whole-module deltas)."""
-        params = dict(self.get_base_layer().named_parameters(recurse=False))
         self.esft_delta[adapter_name] = nn.ParameterDict(
             {
-                name: _new_delta(logical_shape(param), param, init_weights, requires_grad=False)
-                for name, param in params.items()
+                name: _new_delta(shape, param, init_weights, requires_grad=False)
+                for name, (shape, param) in self.delta_specs(self.get_base_layer()).items()
             }
         )
         self.set_adapter(self.active_adapters)

@@ -14,9 +14,8 @@ from torch import nn
 
 from ...interop.files import SAFETENSORS_FLOAT_DTYPES
 from ...moe.layouts.base import unwrap
-from ...moe.partitioned import logical_shape
 from .config import SAVED_HEADER_ATTRIBUTE, ESFTConfig
-from .layer import DELTA_CONTAINER
+from .layer import DELTA_CONTAINER, ExpertsDeltaLayer, ModuleDeltaLayer
 from .targets import Target
 
 logger = logging.getLogger(__name__)
@@ -25,13 +24,12 @@ STATE_DICT_PREFIX = "base_model.model."
 DELTA_MARKER = f".{DELTA_CONTAINER}."
 
 
-def delta_shapes(module: nn.Module, target: Target) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> shape of the delta an ESFT layer holds for ``module`` under ``target``."""
+def delta_specs(module: nn.Module, target: Target) -> dict[str, tuple[tuple, Any]]:
+    """Parameter name -> (shape, base tensor) of the deltas an ESFT layer holds for ``module`` under ``target``."""
     base = unwrap(module)
     if target.layout is None:
-        return {name: tuple(logical_shape(param)) for name, param in base.named_parameters(recurse=False)}
-    views = target.layout.expert_views(base)
-    return {name: (len(target.expert_ids), *logical_shape(view)[1:]) for name, view in views.items()}
+        return ModuleDeltaLayer.delta_specs(base)
+    return ExpertsDeltaLayer.delta_specs(base, target.layout, list(target.expert_ids))
 
 
 def _dtype_name(param: Any) -> str:
@@ -52,13 +50,8 @@ def check_saved_adapter(model: nn.Module, config: ESFTConfig, plan: dict[str, Ta
         return
     expected: dict[str, tuple[tuple[int, ...], str]] = {}
     for name, target in plan.items():
-        module = model.get_submodule(name)
-        base = unwrap(module)
-        dtypes = {n: _dtype_name(p) for n, p in base.named_parameters(recurse=False)}
-        if target.layout is not None:
-            dtypes = {n: _dtype_name(v) for n, v in target.layout.expert_views(base).items()}
-        for param, shape in delta_shapes(module, target).items():
-            expected[f"{STATE_DICT_PREFIX}{name}{DELTA_MARKER}{param}"] = (shape, dtypes[param])
+        for param, (shape, tensor) in delta_specs(model.get_submodule(name), target).items():
+            expected[f"{STATE_DICT_PREFIX}{name}{DELTA_MARKER}{param}"] = (tuple(shape), _dtype_name(tensor))
     saved = {key: value for key, value in header.items() if key != "__metadata__" and DELTA_MARKER in key}
     others = [key for key in header if key != "__metadata__" and DELTA_MARKER not in key]
     save_names = config.modules_to_save or []
