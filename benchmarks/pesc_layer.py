@@ -7,8 +7,9 @@ A llama MLP (gate/up/down, SiLU). "frozen" is the dense MLP with only its input 
 method pays). "PESC" is esft-peft's layer (router + adapter experts at ``adapter_dim = intermediate / 16``, grouped
 matmuls over the routed pairs). "loop" computes the same layer as the authors' code does
 (``CamelidaeGateAdapter.forward`` in camelidae/modeling_camelidae.py): the (token, slot) rows repeated k times, and
-for every expert a boolean mask gathers its rows and ``rows[mask] += expert(inputs[mask])`` writes them back. Methods are timed in interleaved rounds (median), so that a noisy machine slows them alike;
-compare the ratios of one run.
+for every expert a boolean mask gathers its rows and ``rows[mask] += expert(inputs[mask])`` writes them back.
+Methods are timed in interleaved rounds (median), so that a noisy machine slows them alike; compare the ratios of
+one run.
 """
 
 from __future__ import annotations

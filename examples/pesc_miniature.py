@@ -26,8 +26,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import esft_peft  # noqa: F401  (registers PESC with peft)
-from esft_peft import PESCConfig
+from esft_peft import PESCConfig  # importing esft_peft registers PESC with peft
 from esft_peft.demo import synthetic_tasks as st
 from esft_peft.demo.run import mixture_stream, train_loop
 

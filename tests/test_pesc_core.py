@@ -207,7 +207,7 @@ def test_model_without_decoder_mlps_is_refused():
 
 def test_already_moe_layers_and_non_mlps_are_refused():
     moe = make_model("deepseek_v2")  # layer 0 dense, layers 1-2 MoE
-    with pytest.raises(ValueError, match=r"Layer 1's MLP .* is already a mixture of experts.*layers_to_transform=\['0'\]"):
+    with pytest.raises(ValueError, match=r"Layer 1's MLP .* is already a mixture of experts.*layers_to_transform=\[0\]"):
         get_peft_model(moe, PESCConfig())
     assert not pesc_layers(moe)
     crafted_dense = get_peft_model(make_model("deepseek_v2"), PESCConfig(layers_to_transform=[0]))

@@ -20,7 +20,9 @@ from test_registration import transformers_manages_adapters
 from tiny_dense import DENSE_FAMILIES, make_dense_model
 
 FAMILIES = list(DENSE_FAMILIES)
-SAVED_KEY = re.compile(r"^base_model\.model\..+\.(lora_pesc_router\.weight|lora_pesc_down|lora_pesc_up|lora_A\.weight|lora_B\.weight)$")
+SAVED_KEY = re.compile(
+    r"^base_model\.model\..+\.(lora_pesc_router\.weight|lora_pesc_down|lora_pesc_up|lora_A\.weight|lora_B\.weight)$"
+)
 MERGE_ATOL = 1e-5  # fp32: LoRA folded into the dense weights changes the rounding of W x + B A x
 
 
@@ -33,7 +35,8 @@ def test_fresh_adapter_is_bit_identical_and_only_adapters_train(family):
     hidden, experts, dim = 32, SETTINGS["num_experts"], SETTINGS["adapter_dim"]
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     assert set(trainable) == set(adapter_params(model))
-    assert sum(v for n, v in trainable.items() if ".lora_pesc_" in n) == len(layers) * (experts * hidden + 2 * experts * dim * hidden)
+    per_layer = experts * hidden + 2 * experts * dim * hidden  # router + D + U
+    assert sum(v for n, v in trainable.items() if ".lora_pesc_" in n) == len(layers) * per_layer
     assert any(".lora_A." in n for n in trainable)
     for layer in layers.values():
         assert layer.lora_pesc_up["default"].abs().sum() == 0 and layer.lora_pesc_down["default"].abs().sum() > 0

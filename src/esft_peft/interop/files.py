@@ -190,8 +190,8 @@ def check_adapter_weights(
         if not weights.is_file():
             if (local / WEIGHTS_NAME).is_file():
                 raise CorruptAdapterError(
-                    f"{local} holds only {WEIGHTS_NAME} (a pickle). {method} adapters are loaded from safetensors only; "
-                    f"convert it with a trusted tool to {SAFETENSORS_WEIGHTS_NAME}."
+                    f"{local} holds only {WEIGHTS_NAME} (a pickle). {method} adapters are loaded from safetensors "
+                    f"only; convert it with a trusted tool to {SAFETENSORS_WEIGHTS_NAME}."
                 )
             return None
     else:

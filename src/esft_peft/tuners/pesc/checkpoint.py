@@ -1,9 +1,9 @@
 """PESC adapter files: the saved keys, their up-front shape check, and import of the authors' checkpoint layout.
 
-esft-peft's ``adapter_model.safetensors`` holds, per upcycled MLP ``<mlp>`` (e.g. ``base_model.model.model.layers.3
-.mlp``): ``<mlp>.lora_pesc_router.weight`` (E, H), ``<mlp>.lora_pesc_down`` (E, d, H) and ``<mlp>.lora_pesc_up`` (E, H, d); with the
-LoRA part also peft's ``<linear>.lora_A.weight`` (r, in) / ``<linear>.lora_B.weight`` (out, r), where the linears of
-an upcycled MLP read ``<mlp>.base_layer.<linear>``.
+esft-peft's ``adapter_model.safetensors`` holds, per upcycled MLP ``<mlp>`` (e.g.
+``base_model.model.model.layers.3.mlp``): ``<mlp>.lora_pesc_router.weight`` (E, H), ``<mlp>.lora_pesc_down``
+(E, d, H) and ``<mlp>.lora_pesc_up`` (E, H, d); with the LoRA part also peft's ``<linear>.lora_A.weight`` (r, in) /
+``<linear>.lora_B.weight`` (out, r), where the linears of an upcycled MLP read ``<mlp>.base_layer.<linear>``.
 
 The authors' code (wuhy68/Parameter-Efficient-MoE) saves ``moe_model.bin``, a pickle of
 ``...layers.{l}.mlp.moe_adapter.router.weight`` (E, H) and ``...moe_adapter.experts.expert_{j}.adapter_down.weight``
@@ -25,7 +25,7 @@ from torch import nn
 from ...interop.files import CorruptAdapterError
 from ...moe.layer_keys import layer_key_of_module
 from .config import PESCConfig
-from .layer import DOWN, ROUTER, UP, PESCLayer
+from .layer import PESCLayer
 from .targets import plan_targets
 
 PathLike = Union[str, os.PathLike]

@@ -93,8 +93,8 @@ class PESCRouter(nn.Linear):
 class PESCLayer(nn.Module, BaseTunerLayer):
     """Wraps a dense MLP; holds per adapter a router and ``num_experts`` adapter experts.
 
-    ``lora_pesc_router[a]``: :class:`PESCRouter`; ``lora_pesc_down[a]``: (E, d, H); ``lora_pesc_up[a]``: (E, H, d), zero at
-    creation. Several active adapters add their outputs. The routing of the last forward is kept per adapter
+    ``lora_pesc_router[a]``: :class:`PESCRouter`; ``lora_pesc_down[a]``: (E, d, H); ``lora_pesc_up[a]``: (E, H, d),
+    zero at creation. Several active adapters add their outputs. The routing of the last forward is kept per adapter
     (``lora_pesc_routing``) for the load-balancing loss.
     """
 

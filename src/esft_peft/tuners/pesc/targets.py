@@ -140,7 +140,8 @@ def _select_mlps(model: nn.Module, config: PESCConfig) -> dict[str, str]:
             continue
         moe = _moe_part(name, modules[name])
         if moe is not None:
-            dense = [k for k, names in decoder_mlps(model).items() if _moe_part(names[0], modules[names[0]]) is None]
+            layers = decoder_mlps(model)
+            dense = [int(k) for k, names in layers.items() if _moe_part(names[0], modules[names[0]]) is None]
             raise ValueError(
                 f"Layer {key}'s MLP {name} ({type(unwrap(modules[name])).__name__}) is already a mixture of experts "
                 f"(found {moe}). PESC upcycles dense MLPs: use ESFTConfig to fine-tune an MoE model's experts, or "
