@@ -71,6 +71,7 @@ def train_pesc(args: argparse.Namespace, tokenizer: Any, dataset: Any, load_mode
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from ..interop.files import atomic_directory_write
+    from ..training.helpers import CHECKPOINTING, CHECKPOINTING_KWARGS
     from ..interop.pesc_card import pesc_adapter_parameters
     from ..interop.hub import write_model_card
 
@@ -92,8 +93,8 @@ def train_pesc(args: argparse.Namespace, tokenizer: Any, dataset: Any, load_mode
     with tempfile.TemporaryDirectory(prefix="pesc-train-") as work:
         training_args = TrainingArguments(**{
             **PESC_TRAINING, "output_dir": work, "use_cpu": not torch.accelerator.is_available(),
-            "per_device_train_batch_size": 8, "gradient_checkpointing": checkpointing,
-            "gradient_checkpointing_kwargs": {"use_reentrant": False}, "logging_steps": 10, "save_strategy": "no",
+            "per_device_train_batch_size": 8, CHECKPOINTING: checkpointing,
+            CHECKPOINTING_KWARGS: {"use_reentrant": False}, "logging_steps": 10, "save_strategy": "no",
             "report_to": [], "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
             "optim": "paged_adamw_32bit" if args.load_in_4bit and torch.cuda.is_available() else "adamw_torch",
             **overrides,
