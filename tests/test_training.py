@@ -42,7 +42,7 @@ def test_trainer_with_gradient_checkpointing_and_bf16(tmp_path, family):
     trainer = trainer_for(tmp_path, family, bf16=True)
     base_before = {k: v for k, v in state_copy(trainer.model.get_base_model()).items() if "esft_delta" not in k}
     trainer.train()
-    assert trainer.model.get_base_model().is_gradient_checkpointing
+    assert trainer.model.get_base_model().is_activation_checkpointing
     deltas = delta_params(trainer.model)
     assert deltas and all(d.abs().sum() > 0 for d in deltas.values())
     after = trainer.model.get_base_model().state_dict()
