@@ -55,12 +55,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one pre-trained base per seed")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each)")
     parser.add_argument("--size", default="full", choices=SIZES, help="model and step sizes ('quick' to smoke-test)")
+    parser.add_argument("--from-results", metavar="JSON", help="redo the tables and figures of an earlier run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     out = Path(args.out)
-    results = run_miniature(load_settings(args.size), args.seeds, jobs=args.jobs, log=print)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    if args.from_results:
+        results = json.loads(Path(args.from_results).read_text(encoding="utf-8"))
+    else:
+        results = run_miniature(load_settings(args.size), args.seeds, jobs=args.jobs, log=print)
+        atomic_write_text(out / "results.json", json.dumps(results, indent=1))  # kept even if a table fails
     results["findings"] = findings(results)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     report = markdown_report(results)

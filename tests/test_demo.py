@@ -12,10 +12,11 @@ from esft_peft.demo import synthetic_tasks as st
 from esft_peft.demo.methods import METHODS, prepare
 from esft_peft.demo.miniature import pick_learning_rate, run_unit
 from esft_peft.demo.report import markdown_report
-from esft_peft.demo.routing import overlap_matrix, routing_summary, top_share
+from esft_peft.demo.quiet import quiet_libraries
+from esft_peft.demo.routing import overlap_matrix, routing_summary, selection_coverage, top_share
 from esft_peft.demo.run import check_out_dir, summary_sentence
 from esft_peft.demo.settings import load_settings
-from esft_peft.demo.training import build_model, count_parameters, score_domain
+from esft_peft.demo.training import build_model, count_parameters, score_domain, scoring_batch
 
 MARKER = "--- demo starts ---"
 # Imports first (a library may log at import in some environments, e.g. bitsandbytes without `kernels`); from the
@@ -38,17 +39,19 @@ def test_quick_demo_side_by_side_without_warnings(tmp_path):
     assert "warn" not in out.lower() and "\r" not in out
     assert "ESFT-Token" in out and "full FT" in out and "law (target task)" in out and "math (retention)" in out
     assert "retention (mean)" in out and "trained fraction" in out and "artifact size" in out
-    assert "docs/paper_in_miniature.md" in out and "Reloaded adapter and merged model give ESFT's accuracies: yes" in out
+    assert "docs/paper_in_miniature.md" in out
+    assert "Reloaded adapter and merged model give ESFT's accuracies: yes" in out
 
     results = json.loads((run / "results.json").read_text())
-    assert set(results["rows"]) == {"base", "ESFT-Token", "FFT"}
-    for name in ("ESFT-Token", "FFT"):
+    assert set(results["rows"]) == {"base", "ESFT", "FFT"}
+    assert results["rows"]["ESFT"]["method"] == "ESFT-Token p=0.4" and results["top_p"] == 0.4
+    for name in ("ESFT", "FFT"):
         row = results["rows"][name]
         assert set(row["accuracy"]) == set(results["domains"]) == set(st.DOMAINS)
         assert row["target"] == row["accuracy"]["law"]
         assert row["retention"] == pytest.approx(sum(v for d, v in row["accuracy"].items() if d != "law") / 4)
         assert row["learning_rate"] > 0 and row["artifact_bytes"] > 0 and row["loss"]["last"] < row["loss"]["first"]
-    esft, fft = results["rows"]["ESFT-Token"], results["rows"]["FFT"]
+    esft, fft = results["rows"]["ESFT"], results["rows"]["FFT"]
     assert fft["trained_fraction"] == 1.0 and 0 < esft["trained_fraction"] < 0.5
     assert esft["artifact_bytes"] < fft["artifact_bytes"]
     assert results["reloaded"] == results["merged"] == esft["accuracy"]
@@ -57,7 +60,7 @@ def test_quick_demo_side_by_side_without_warnings(tmp_path):
     assert results["files"] == written
     for name in written:
         assert f"  {name}" in out
-    assert {"heatmap.png", "scores.json", "adapter/adapter_model.safetensors", "merged/model.safetensors"} <= set(written)
+    assert {"heatmap.png", "scores.json", "adapter/adapter_model.safetensors", "merged/model.safetensors"} <= {*written}
 
 
 def test_demo_refuses_a_directory_with_other_files(tmp_path):
@@ -72,7 +75,7 @@ def test_demo_refuses_a_directory_with_other_files(tmp_path):
 
 def _results(esft_target, esft_retention, fft_target=1.0, fft_retention=0.2):
     row = lambda t, r: {"target": t, "retention": r, "trained_fraction": 0.03}  # noqa: E731
-    return {"target_domain": "law", "rows": {"ESFT-Token": row(esft_target, esft_retention),
+    return {"target_domain": "law", "rows": {"ESFT": row(esft_target, esft_retention),
                                              "FFT": row(fft_target, fft_retention)}}
 
 
@@ -122,6 +125,21 @@ def test_routing_concentration_and_overlap_by_hand():
     assert summary["overlap"]["x"]["y"] == pytest.approx((0 + 1 / 3) / 2)  # {0,1} vs {3}; {0,1,2} vs {0}
 
 
+def test_selection_coverage_matches_the_expert_counts():
+    settings = load_settings("quick")
+    model, tokenizer = build_model(settings, seed=0), st.build_tokenizer()
+    scores = score_domain(model, tokenizer, settings, "law")
+    batch = scoring_batch(tokenizer, settings, "law")
+    tokens, counts = scores.token_counts["0"], scores.expert_counts["0"]
+    assert tokens == int((batch["labels"] != -100).sum())
+    for expert in range(settings.model["n_routed_experts"]):
+        coverage = selection_coverage(model, batch, {"0": [expert]})
+        assert coverage == {"0": counts[expert] / tokens, "any": counts[expert] / tokens}
+    assert selection_coverage(model, batch, {"0": list(range(8))}) == {"0": 1.0, "any": 1.0}
+    pair = selection_coverage(model, batch, {"0": [0, 1]})["0"]
+    assert max(counts[0], counts[1]) / tokens <= pair <= (counts[0] + counts[1]) / tokens
+
+
 def test_pick_learning_rate_takes_the_smallest_within_tolerance():
     assert pick_learning_rate({1e-4: 0.5, 3e-4: 0.995, 1e-3: 1.0}) == 3e-4
     assert pick_learning_rate({1e-4: 0.5, 3e-4: 0.9, 1e-3: 1.0}) == 1e-3
@@ -135,10 +153,13 @@ def test_methods_train_what_the_paper_says():
     base = build_model(settings, seed=0)
     scores = score_domain(base, st.build_tokenizer(), settings, "law")
     total = count_parameters(base)
-    trained = {name: count_parameters(prepare(method, base, scores), trainable=True) for name, method in METHODS.items()}
+    with quiet_libraries():
+        trained = {name: count_parameters(prepare(method, base, scores), trainable=True)
+                   for name, method in METHODS.items()}
     assert trained["FFT"] == total and 0 < trained["LoRA"] < total
     assert trained["ESFT-Token random"] == trained["ESFT-Token"] < trained["ESFT-Token +shared"]
-    assert trained["ESFT-Token +shared"] < trained["ESFT-Token +both"] and trained["ESFT-Token"] < trained["ESFT-Token +non-expert"]
+    assert trained["ESFT-Token +shared"] < trained["ESFT-Token +both"]
+    assert trained["ESFT-Token"] < trained["ESFT-Token +non-expert"] < trained["ESFT-Token +both"]
     assert count_parameters(base, trainable=True) == total  # prepare works on copies
 
 

@@ -3,7 +3,7 @@
 Names follow the paper: FFT (full fine-tuning), LoRA, ESFT-Token and ESFT-Gate (experts selected by token-selection
 ratio at p = 0.2, or by average gate score at p = 0.1), ESFT with random experts at the same per-layer budget
 (Table 4), ESFT-Token that also trains the shared experts, the non-expert modules, or both (Table 3), and
-ESFT-Token with a larger budget (p = 0.3).
+ESFT-Token with a larger budget (p = 0.4, the demo's).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ METHODS = {
         Method("LoRA", "LoRA"),
         Method("ESFT-Token", "ESFT", "token"),
         Method("ESFT-Gate", "ESFT", "gate"),
-        Method("ESFT-Token p=0.3", "ESFT", "token", top_p=0.3),
+        Method("ESFT-Token p=0.4", "ESFT", "token", top_p=0.4),
         Method("ESFT-Token random", "ESFT", "token", random_experts=True),
         Method("ESFT-Gate random", "ESFT", "gate", random_experts=True),
         Method("ESFT-Token +shared", "ESFT", "token", shared_experts=True),

@@ -21,9 +21,11 @@ from ..defaults import PAPER_TOP_P
 from . import synthetic_tasks as st
 from .methods import METHODS, prepare, select_experts
 from .quiet import quiet_libraries
-from .routing import routing_summary
+from .routing import routing_summary, selection_coverage
 from .settings import DemoSettings
-from .training import build_model, count_parameters, finetuning_stream, pretrain_base, score_domain, train_loop
+from .training import (
+    build_model, count_parameters, finetuning_stream, pretrain_base, score_domain, scoring_batch, train_loop,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ def _run_unit(settings: DemoSettings, architecture: str, seed: int, methods: Opt
     pretrain_seconds = time.perf_counter() - started
     base_parameters = count_parameters(base)
     scores = {d: score_domain(base, tokenizer, settings, d, seed) for d in settings.domains}
+    target_batch = scoring_batch(tokenizer, settings, target, seed)
     routing = {
         "initial": routing_summary(initial_scores),
         "token": routing_summary(scores, "token"),
@@ -81,7 +84,7 @@ def _run_unit(settings: DemoSettings, architecture: str, seed: int, methods: Opt
     unit = {"architecture": architecture, "seed": seed, "base_parameters": base_parameters,
             "pretrain_seconds": round(pretrain_seconds, 1), "routing": routing,
             "scores": {d: s.to_dict() for d, s in scores.items()}, "rows": []}
-    unit["rows"].append({"method": "Vanilla", "learning_rate": None, "chosen": True, "validation": None,
+    unit["rows"].append({"method": "Vanilla", "learning_rate": None, "chosen": True, "validation": None, "coverage": None,
                          **_accuracy_row(evaluate(base, "test", settings.domains), target),
                          "trained_parameters": 0, "trained_fraction": 0.0, "experts": 0, "seconds": 0.0})
     log(f"{architecture} seed {seed}: pre-trained in {pretrain_seconds:.0f} s; base "
@@ -89,6 +92,7 @@ def _run_unit(settings: DemoSettings, architecture: str, seed: int, methods: Opt
     for name in methods:
         method = METHODS[name]
         experts = select_experts(method, scores[target], seed) if method.family == "ESFT" else {}
+        coverage = selection_coverage(base, target_batch, experts)["any"] if experts else None
         candidates = []
         for lr in settings.learning_rate_grids[method.family]:
             model = prepare(method, base, scores[target], seed)
@@ -101,7 +105,7 @@ def _run_unit(settings: DemoSettings, architecture: str, seed: int, methods: Opt
                 "method": name, "learning_rate": lr, "validation": evaluate(model, "validation", [target])[target],
                 **_accuracy_row(evaluate(model, "test", settings.domains), target),
                 "trained_parameters": parameters, "trained_fraction": parameters / base_parameters,
-                "experts": sum(len(ids) for ids in experts.values()), "selection": experts,
+                "experts": sum(len(ids) for ids in experts.values()), "selection": experts, "coverage": coverage,
                 "seconds": round(seconds, 2),
             })
         chosen = pick_learning_rate({row["learning_rate"]: row["validation"] for row in candidates})

@@ -6,7 +6,11 @@ from __future__ import annotations
 import statistics
 from typing import Mapping, Optional
 
+import torch
+from torch import nn
+
 from ..defaults import PAPER_TOP_P
+from ..moe.discovery import find_moe_layers
 from ..scoring.comparison import concentration
 from ..scoring.scores import ExpertScores
 from ..scoring.selection import overlap, ranked
@@ -53,3 +57,33 @@ def routing_summary(scores: Mapping[str, ExpertScores], score_function: str = "t
     selections = {task: task_scores.select(score_function, top_p) for task, task_scores in scores.items()}
     return {"score_function": score_function, "top_p": top_p, "tasks": tasks,
             "overlap": overlap_matrix(selections), "selections": selections}
+
+
+@torch.no_grad()
+def selection_coverage(model: nn.Module, batch: dict[str, torch.Tensor], selection: Selection) -> dict[str, float]:
+    """Share of the batch's counted tokens (label != -100) that reach at least one selected expert: per selected
+    layer, and under ``"any"`` in at least one of them. ESFT can change a token's computation only through the
+    selected experts it is routed to."""
+    layers = find_moe_layers(model)
+    counted = (batch["labels"] != -100).reshape(-1)
+    reached: dict[str, torch.Tensor] = {}
+
+    def recorder(key: str, chosen: torch.Tensor):
+        def record(index: torch.Tensor, weights: torch.Tensor) -> None:
+            reached[key] = torch.isin(index.reshape(counted.numel(), -1), chosen).any(dim=-1)
+        return record
+
+    handles = [layers[key].layout.watch_routing(model, layers[key], recorder(key, torch.tensor(ids)))
+               for key, ids in selection.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    total = int(counted.sum())
+    coverage = {key: int((hit & counted).sum()) / total for key, hit in reached.items()}
+    coverage["any"] = int((torch.stack(list(reached.values())).any(dim=0) & counted).sum()) / total
+    return coverage

@@ -11,7 +11,6 @@ writes the scores, the heatmap, the expert config, the adapter, the merged model
 from __future__ import annotations
 
 import json
-import logging
 import statistics
 import time
 from pathlib import Path
@@ -20,17 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..defaults import EXPERT_CONFIG_NAME, PAPER_TOP_P
+from ..defaults import EXPERT_CONFIG_NAME
 from . import synthetic_tasks as st
-from .methods import METHODS, prepare, select_experts
+from .methods import METHODS, Method, prepare, select_experts
 from .quiet import quiet_libraries
 from .settings import load_settings
-from .training import count_parameters, finetuning_stream, pretrain_base, score_domain, train_loop
-
-logger = logging.getLogger(__name__)
+from .routing import selection_coverage
+from .training import count_parameters, finetuning_stream, pretrain_base, score_domain, scoring_batch, train_loop
 
 DEMO_THREADS = 1  # the demo model is tiny: one thread is as fast as two, and far faster on a busy machine
-ESFT_METHOD = "ESFT-Token"
 OUTPUTS = ("base", "adapter", "merged", "scores.json", "heatmap.png", EXPERT_CONFIG_NAME, "results.json")
 MINIATURE_DOC = "docs/paper_in_miniature.md"
 
@@ -97,26 +94,28 @@ def _run_demo(out: Path, size: str, seed: int, progress: bool, **overrides: Any)
 
     scores = score_domain(base, tokenizer, settings, target, seed)
     scores.save(out / "scores.json")
-    method = METHODS[ESFT_METHOD]
+    top_p = settings.demo_top_p
+    method = Method(f"ESFT-Token p={top_p:g}", "ESFT", "token", top_p=top_p)  # "ESFT-Token p=0.4" of the miniature
     experts = select_experts(method, scores, seed)
+    coverage = selection_coverage(base, scoring_batch(tokenizer, settings, target, seed), experts)
     plot_scores(scores, path=out / "heatmap.png", selection=experts,
                 title=f"{target}: token scores of the base, {sum(map(len, experts.values()))} experts selected "
-                      f"(p={PAPER_TOP_P['token']})")
+                      f"(p={top_p})")
 
     trained: dict[str, nn.Module] = {}
-    for name, family, desc in ((ESFT_METHOD, "ESFT", "ESFT"), ("FFT", "FFT", "full fine-tuning")):
-        model = prepare(METHODS[name], base, scores, seed)
-        lr = settings.learning_rates[family]
+    for key, trained_method, desc in (("ESFT", method, "ESFT"), ("FFT", METHODS["FFT"], "full fine-tuning")):
+        model = prepare(trained_method, base, scores, seed)
+        lr = settings.learning_rates[trained_method.family]
         tick = time.perf_counter()
         losses = train_loop(model, finetuning_stream(tokenizer, settings, seed), settings.finetune_steps, lr,
                             weight_decay=0.1, desc=desc, progress=progress)
         seconds = time.perf_counter() - tick
         parameters = count_parameters(model, trainable=True)
-        rows[name] = {**_row(evaluate(model), target), "learning_rate": lr, "trained_parameters": parameters,
+        rows[key] = {"method": trained_method.name, **_row(evaluate(model), target), "learning_rate": lr, "trained_parameters": parameters,
                       "trained_fraction": parameters / base_parameters, "seconds": round(seconds, 2),
                       "loss": {"first": losses[0], "last": statistics.mean(losses[-5:])}}
-        trained[name] = model
-    esft = trained[ESFT_METHOD]
+        trained[key] = model
+    esft = trained["ESFT"]
     esft.peft_config["default"].save_expert_config(out / EXPERT_CONFIG_NAME)
 
     def save_adapter(tmp: Path) -> None:
@@ -124,7 +123,7 @@ def _run_demo(out: Path, size: str, seed: int, progress: bool, **overrides: Any)
         write_model_card(esft, tmp)
 
     atomic_directory_write(out / "adapter", save_adapter)
-    rows[ESFT_METHOD]["artifact_bytes"] = (out / "adapter" / "adapter_model.safetensors").stat().st_size
+    rows["ESFT"]["artifact_bytes"] = (out / "adapter" / "adapter_model.safetensors").stat().st_size
     # A full fine-tune is stored as a whole model: the same tensors as the base, so the same file size.
     rows["FFT"]["artifact_bytes"] = (out / "base" / "model.safetensors").stat().st_size
 
@@ -152,29 +151,37 @@ def _run_demo(out: Path, size: str, seed: int, progress: bool, **overrides: Any)
         "pretrain_steps": settings.pretrain_steps,
         "finetune_steps": settings.finetune_steps,
         "finetune_batch_size": settings.finetune_batch_size,
-        "top_p": PAPER_TOP_P["token"],
+        "score_function": method.score_function,
+        "top_p": top_p,
         "experts": experts,
+        "coverage": coverage,
         "rows": rows,
         "reloaded": reloaded_accuracy,
         "merged": merged_accuracy,
         "files": [],
         "seconds": round(time.perf_counter() - started, 1),
     }
-    results["files"] = sorted([*_files(out), "results.json"])
+    results["files"] = sorted({*_files(out), "results.json"})
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     return results
 
 
 def _files(out: Path) -> list[str]:
-    return [path.relative_to(out).as_posix() for name in OUTPUTS if (out / name).exists()
-            for path in ([out / name] if (out / name).is_file() else sorted((out / name).rglob("*")))
-            if path.is_file() and path.name != "results.json"]
+    """The demo's output files under ``out``, relative to it."""
+    files = []
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_file():
+            files.append(name)
+        elif path.is_dir():
+            files += [item.relative_to(out).as_posix() for item in path.rglob("*") if item.is_file()]
+    return files
 
 
 def summary_sentence(results: dict) -> str:
     """One sentence on what the numbers mean, written from the numbers (whichever way they go)."""
     target = results["target_domain"]
-    esft, fft = results["rows"][ESFT_METHOD], results["rows"]["FFT"]
+    esft, fft = results["rows"]["ESFT"], results["rows"]["FFT"]
     learned = esft["target"] >= fft["target"] - 0.05
     retained = esft["retention"] > fft["retention"] + 0.05
     share = f"{esft['trained_fraction']:.1%} of the parameters"
@@ -195,7 +202,7 @@ def format_report(results: dict, out_dir: str | Path) -> str:
     """The demo's printed report: the side-by-side table, the sentence, the pointer and the files written."""
     target = results["target_domain"]
     rows = results["rows"]
-    base, esft, fft = rows["base"], rows[ESFT_METHOD], rows["FFT"]
+    base, esft, fft = rows["base"], rows["ESFT"], rows["FFT"]
     model = results["model"]
     selected = sum(len(ids) for ids in results["experts"].values())
     lines = [
@@ -205,23 +212,25 @@ def format_report(results: dict, out_dir: str | Path) -> str:
         f"Fine-tuned on the {target} task from the same base, {results['finetune_steps']} steps each "
         f"(seed {results['seed']}):",
         "",
-        f"{'':<24}{'base':>10}{ESFT_METHOD:>14}{'full FT':>14}",
+        f"{'':<24}{'base':>10}{esft['method']:>18}{'full FT':>18}",
     ]
     for domain in [target] + [d for d in results["domains"] if d != target]:
         label = f"{domain} ({'target task' if domain == target else 'retention'})"
-        lines.append(f"{label:<24}{base['accuracy'][domain]:>10.1%}{esft['accuracy'][domain]:>14.1%}"
-                     f"{fft['accuracy'][domain]:>14.1%}")
+        lines.append(f"{label:<24}{base['accuracy'][domain]:>10.1%}{esft['accuracy'][domain]:>18.1%}"
+                     f"{fft['accuracy'][domain]:>18.1%}")
     lines += [
-        f"{'retention (mean)':<24}{base['retention']:>10.1%}{esft['retention']:>14.1%}{fft['retention']:>14.1%}",
-        f"{'trained parameters':<24}{'-':>10}{esft['trained_parameters']:>14,}{fft['trained_parameters']:>14,}",
-        f"{'trained fraction':<24}{'-':>10}{esft['trained_fraction']:>14.2%}{fft['trained_fraction']:>14.0%}",
-        f"{'artifact size':<24}{'-':>10}{esft['artifact_bytes'] / 1024:>10.1f} KiB"
-        f"{fft['artifact_bytes'] / 1024:>10.1f} KiB",
-        f"{'learning rate':<24}{'-':>10}{esft['learning_rate']:>14g}{fft['learning_rate']:>14g}",
+        f"{'retention (mean)':<24}{base['retention']:>10.1%}{esft['retention']:>18.1%}{fft['retention']:>18.1%}",
+        f"{'trained parameters':<24}{'-':>10}{esft['trained_parameters']:>18,}{fft['trained_parameters']:>18,}",
+        f"{'trained fraction':<24}{'-':>10}{esft['trained_fraction']:>18.2%}{fft['trained_fraction']:>18.0%}",
+        f"{'artifact size':<24}{'-':>10}{esft['artifact_bytes'] / 1024:>14.1f} KiB"
+        f"{fft['artifact_bytes'] / 1024:>14.1f} KiB",
+        f"{'learning rate':<24}{'-':>10}{esft['learning_rate']:>18g}{fft['learning_rate']:>18g}",
         "",
         summary_sentence(results),
         f"ESFT trained {selected} of {model['routed_experts'] * model['moe_layers']} routed experts "
-        f"(token scores, p={results['top_p']}): {results['experts']}. The full fine-tune's artifact is a whole model.",
+        f"({results['score_function']} scores, p={results['top_p']}): {results['experts']}; "
+        f"{results['coverage']['any']:.0%} of the {target} answer tokens are routed to at least one of them "
+        "(ESFT can change only what those experts compute).",
         "Reloaded adapter and merged model give ESFT's accuracies: "
         f"{'yes' if results['reloaded'] == results['merged'] == esft['accuracy'] else 'NO'}.",
         f"Every method of the paper over 3 seeds, and why: {MINIATURE_DOC}",

@@ -20,6 +20,8 @@ class DemoSettings:
         coarse_model: overrides that make the experts coarser with the same active and total expert parameters.
         domains: the domains of pre-training; ``target_domain`` is pre-trained on echoes of its text only, and its
             task is what fine-tuning teaches.
+        demo_top_p: the demo's ESFT-Token selection threshold (the paper's is 0.2; see docs/paper_in_miniature.md for
+            why the demo selects more).
         sequence_words: words (or digits) per prompt.
         learning_rates: the demo's fine-tuning learning rate per method family ("ESFT", "FFT"): the values the paper
             in miniature picks most often on the validation split from ``learning_rate_grids`` (per family).
@@ -30,6 +32,7 @@ class DemoSettings:
     coarse_model: dict[str, Any]
     domains: list[str]
     target_domain: str
+    demo_top_p: float
     sequence_words: int
     learning_rate_grids: dict[str, list[float]]
     pretrain_steps: int

@@ -38,7 +38,9 @@ def train_loop(
     model: nn.Module, batches: Iterator[Batch], steps: int, lr: float, weight_decay: float = 0.0,
     desc: str = "training", progress: bool = True,
 ) -> list[float]:
-    """AdamW (betas 0.9/0.95, as in the paper), constant learning rate, gradient clipping at 1; returns the losses."""
+    """AdamW (betas 0.9/0.95, as in the paper), constant learning rate, gradient clipping at 1; returns the losses.
+
+    With ``progress``, one tqdm bar (in a terminal only)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     model.train()
@@ -83,12 +85,17 @@ def pretrain_base(
     return model, tokenizer
 
 
+def scoring_batch(tokenizer, settings: DemoSettings, domain: str, seed: int = 0) -> Batch:
+    """The training-split examples of ``domain`` that its experts are scored on."""
+    return st.encode_domain_examples(tokenizer, domain, settings.score_examples, seed=seed + 500,
+                                     length=settings.sequence_words)
+
+
 def score_domain(model: nn.Module, tokenizer, settings: DemoSettings, domain: str, seed: int = 0) -> ExpertScores:
-    """Expert relevance scores of ``domain``'s task on training-split examples, answer tokens only (prompt masked)."""
+    """Expert relevance scores of ``domain``'s task on :func:`scoring_batch`, answer tokens only (prompt masked)."""
     from ..scoring.score import score_experts
 
-    batch = st.encode_domain_examples(tokenizer, domain, settings.score_examples, seed=seed + 500,
-                                      length=settings.sequence_words)
+    batch = scoring_batch(tokenizer, settings, domain, seed)
     examples = [{"input_ids": ids, "labels": labels} for ids, labels in zip(batch["input_ids"], batch["labels"])]
     return score_experts(model, examples, token_budget=None, batch_size=64, seed=seed, show_progress=False)
 
