@@ -1,134 +1,78 @@
-"""The ESFT paper's main comparison, in miniature, on the built-in demo MoE (CPU, a few minutes).
+"""The ESFT paper in miniature, on 2 CPU cores in minutes: routing analysis and Tables 1-4 on synthetic domains.
 
-For one specialised synthetic task it compares, over several seeds: the vanilla model, full fine-tuning (FFT),
-LoRA, ESFT-Token, ESFT-Gate and ESFT with random experts at ESFT-Token's budget (paper Tables 1, 2 and 4 in small).
-Reported per method: specialised-task accuracy, retention (mean accuracy on the other, untrained tasks), trained
-parameters and training time, as mean +- standard deviation over seeds.
+A DeepSeek-V2-shaped MoE (64 routed experts of width 16, top-6, 2 shared experts; and a coarse twin with 32 experts
+of width 32, top-3: the same active and total expert parameters) is pre-trained per seed on five domains with
+their own words (math, code, law, translation, medicine); law is seen as text only. Every method then learns the
+law task from that base; learning rates are tuned per method and seed on a validation split and test accuracy is
+reported, with retention (mean test accuracy on the four other domains). See docs/paper_in_miniature.md.
 
-    python examples/paper_in_miniature.py --seeds 0 1 2 --out paper_in_miniature.json
+    python examples/paper_in_miniature.py --out results/paper_in_miniature --figures docs/figures
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
-import statistics
-import time
-from typing import Callable
+from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
-from torch import nn
 
-import esft_peft
-from esft_peft import ESFTConfig
-from esft_peft import demo
-from esft_peft.demo import synthetic_tasks as st
-
-logger = logging.getLogger("paper_in_miniature")
-
-# Per-method learning rates for a tiny model and 150 steps. The paper's ratios (ESFT 1e-5 < FFT 3e-5 < LoRA 1e-4)
-# did not transfer: ESFT trains only a few experts, and at 1e-3 they did not learn the task in 150 steps.
-LEARNING_RATES = {"FFT": 3e-4, "LoRA": 1e-3, "ESFT-Token": 1e-2, "ESFT-Gate": 1e-2, "ESFT-Random": 1e-2}
-METHODS = ["Vanilla", "FFT", "LoRA", "ESFT-Token", "ESFT-Gate", "ESFT-Random"]
+from esft_peft import ExpertScores, compare_tasks, plot_comparison, plot_scores
+from esft_peft.demo.miniature import run_miniature
+from esft_peft.demo.report import findings, markdown_report
+from esft_peft.demo.settings import SIZES, load_settings
+from esft_peft.interop.files import atomic_write_text
 
 
-def prepare(method: str, base: nn.Module, selections: dict[str, dict[str, list[int]]]) -> nn.Module:
-    """A trainable copy of ``base`` for ``method``."""
-    model = copy.deepcopy(base)
-    if method == "FFT":
-        model.requires_grad_(True)
-        return model
-    if method == "LoRA":
-        return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    return get_peft_model(model, ESFTConfig(experts=selections[method]))
-
-
-def trainable_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def run_seed(settings: demo.DemoSettings, seed: int, steps: int, log: Callable[[str], None]) -> dict[str, dict]:
-    """Pre-train a base for ``seed`` and evaluate every method on it."""
-    started = time.perf_counter()
-    base, tokenizer = demo.pretrain_base(settings, seed=seed, progress=False)
-    log(f"seed {seed}: pre-trained in {time.perf_counter() - started:.0f} s")
-    others = [task for task in settings.tasks if task != settings.target_task]
-    cache: dict[str, dict[str, torch.Tensor]] = {}
-
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        accuracy = st.evaluate_tasks(model, tokenizer, settings.tasks, settings.eval_examples,
-                                     length=settings.sequence_digits, cache=cache)
-        return {"task": accuracy[settings.target_task], "retention": statistics.mean(accuracy[t] for t in others)}
-
-    scores = demo.score_task(base, tokenizer, settings, seed)
-    selections = {
-        "ESFT-Token": scores.select(score_function="token", top_p=0.2),
-        "ESFT-Gate": scores.select(score_function="gate", top_p=0.1),
-    }
-    # Table 4's control: as many experts per layer as ESFT-Token, drawn at random.
-    selections["ESFT-Random"] = scores.select(score_function="token", top_p=0.2, randomize=True, seed=seed)
-    results = {"Vanilla": {**evaluate(base), "parameters": 0, "seconds": 0.0, "experts": 0}}
-    for method in METHODS[1:]:
-        model = prepare(method, base, selections)
-        stream = demo.task_stream(tokenizer, settings.target_task, settings.batch_size, seed + 1, settings.sequence_digits)
-        started = time.perf_counter()
-        demo.train_loop(model, stream, steps, LEARNING_RATES[method], weight_decay=0.1, progress=False)
-        seconds = time.perf_counter() - started
-        experts = sum(len(ids) for ids in selections.get(method, {}).values())
-        results[method] = {**evaluate(model), "parameters": trainable_parameters(model), "seconds": seconds,
-                           "experts": experts}
-        log(f"seed {seed} {method:<12} task {results[method]['task']:.3f} retention {results[method]['retention']:.3f}")
-    return results
-
-
-def _mean_spread(values: list[float], fmt: str) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{format(statistics.mean(values), fmt)} ± {format(spread, fmt)}"
-
-
-def summarise(runs: list[dict[str, dict]]) -> str:
-    """Markdown table: mean ± standard deviation over seeds."""
-    lines = [
-        "| method | specialised task acc. (%) | retention on other tasks (%) | trained experts | trained params "
-        "| train time (s) |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for method in METHODS:
-        column = lambda key, scale=1.0: [scale * run[method][key] for run in runs]  # noqa: E731
-        lines.append(
-            f"| {method} | {_mean_spread(column('task', 100), '.1f')} | {_mean_spread(column('retention', 100), '.1f')} "
-            f"| {statistics.mean(column('experts')):.1f} | {statistics.mean(column('parameters')):,.0f} "
-            f"| {_mean_spread(column('seconds'), '.1f')} |"
-        )
-    return "\n".join(lines)
+def write_figures(results: dict, directory: Path) -> list[Path]:
+    """Token-score heatmaps (selected experts outlined) and a two-domain comparison, from the first seed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = results["target_domain"]
+    other = next(domain for domain in results["domains"] if domain != target)
+    written = []
+    for unit in results["units"]:
+        if unit["seed"] != results["seeds"][0]:
+            continue
+        scores = {domain: ExpertScores.from_dict(data) for domain, data in unit["scores"].items()}
+        architecture = unit["architecture"]
+        for domain in ([target, other] if architecture == "fine" else [target]):
+            path = directory / f"miniature_{architecture}_{domain}.png"
+            plot_scores(scores[domain], path=path, selection=scores[domain].select("token"),
+                        title=f"{domain} ({architecture} experts, seed {unit['seed']}): token scores, p=0.2")
+            written.append(path)
+        if architecture == "fine":
+            path = directory / f"miniature_{target}_vs_{other}.png"
+            plot_comparison(compare_tasks(scores[target], scores[other], labels=(target, other)), path)
+            written.append(path)
+    return written
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="paper_in_miniature", help="directory for results.json and tables.md")
+    parser.add_argument("--figures", help="directory for the routing figures (default: OUT/figures)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one pre-trained base per seed")
-    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per method (default: the demo's)")
-    parser.add_argument("--size", default="full", choices=("full", "quick"), help="demo model size")
-    parser.add_argument("--out", help="also write all measurements as JSON")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each)")
+    parser.add_argument("--size", default="full", choices=SIZES, help="model and step sizes ('quick' to smoke-test)")
+    parser.add_argument("--from-results", metavar="JSON", help="redo the tables and figures of an earlier run")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    settings = demo.load_settings(args.size)
-    steps = args.steps or settings.esft_steps
-    print(f"esft-peft {esft_peft.__version__}: target task {settings.target_task!r}, tasks {settings.tasks}, "
-          f"{steps} fine-tuning steps, seeds {args.seeds}")
-    runs = [run_seed(settings, seed, steps, lambda line: print(line, flush=True)) for seed in args.seeds]
-    table = summarise(runs)
-    print(table)
-    if args.out:
-        from esft_peft.interop.files import atomic_write_text
-
-        atomic_write_text(args.out, json.dumps({"seeds": args.seeds, "steps": steps, "runs": runs, "table": table},
-                                               indent=2))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    if args.from_results:
+        results = json.loads(Path(args.from_results).read_text(encoding="utf-8"))
+    else:
+        results = run_miniature(load_settings(args.size), args.seeds, jobs=args.jobs, log=print)
+        atomic_write_text(out / "results.json", json.dumps(results, indent=1))  # kept even if a table fails
+    results["findings"] = findings(results)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    report = markdown_report(results)
+    atomic_write_text(out / "tables.md", report)
+    figures = write_figures(results, Path(args.figures) if args.figures else out / "figures")
+    print(report)
+    print(f"{results['seconds']:.0f} s; wrote {out / 'results.json'}, {out / 'tables.md'}, "
+          + ", ".join(map(str, figures)))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""The built-in offline demo (``esft-peft demo``) and its synthetic tasks."""
+"""The built-in offline demo (``esft-peft demo``), the paper in miniature, and their synthetic domains."""
 
-from .run import build_model, load_settings, pretrain_base, run_demo
+from .run import run_demo
+from .settings import DemoSettings, load_settings
+from .training import build_model, pretrain_base
 
-__all__ = ["build_model", "load_settings", "pretrain_base", "run_demo"]
+__all__ = ["DemoSettings", "build_model", "load_settings", "pretrain_base", "run_demo"]

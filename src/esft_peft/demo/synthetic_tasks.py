@@ -1,13 +1,21 @@
 """Synthetic sequence tasks with task tags, a word-level tokenizer for them, and exact-match evaluation.
 
-Every example reads ``<task> d1 d2 ... dn = a1 a2 ... am`` (space-separated tokens, digits 0-9). The answer
-depends on the task tag, so a mixture-of-experts model trained on the mixture learns to route tasks to different
-experts. Used by the built-in demo (``esft-peft demo``), the paper-in-miniature example and the tests.
+Every example reads ``<task> x1 x2 ... xn = a1 a2 ... am`` (space-separated tokens). Two families:
+
+- digit tasks (``copy``, ``reverse``, ``double``, ...): every task uses the same tokens, the digits 0-9;
+- domain tasks (``math``, ``code``, ``law``, ``translation``, ``medicine``): each domain has its own words (its own
+  token distribution, like the text of math, code, law and translation differs) and shares the structure of all
+  domains: digits, which every domain copies unchanged, the ``=`` separator and the position-by-position answer.
+  Each word is rewritten by a fixed, domain-specific dictionary (a seeded permutation of the domain's words).
+
+Domain tasks have disjoint train / validation / test splits (a hash of the prompt decides an example's split).
+Used by the built-in demo (``esft-peft demo``), the paper in miniature and the tests.
 """
 
 from __future__ import annotations
 
 import random
+import zlib
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -73,6 +81,19 @@ TASKS: dict[str, Callable[[list[int]], list[int]]] = {
 }
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "="]
 
+DOMAIN_WORDS: dict[str, list[str]] = {
+    "math": "plus minus times divide equals root power log sine cosine integral derivative sum product limit "
+            "matrix".split(),
+    "code": "def return if else for while import class try except lambda yield print list dict none".split(),
+    "law": "court judge plaintiff defendant statute clause appeal verdict contract liable breach damages tort plea "
+           "bail jury".split(),
+    "translation": "le la les un une et est dans pour avec sur pas que qui ne se".split(),
+    "medicine": "dose fever nerve tumor virus pulse lung liver heart blood vein cell scan pill rash wound".split(),
+}
+DOMAINS = list(DOMAIN_WORDS)
+SPLITS = ("train", "validation", "test")
+DIGIT_SHARE = 0.25  # share of a domain prompt's positions that hold a digit (structure shared by every domain)
+
 
 def task_tag(task: str) -> str:
     return f"<{task}>"
@@ -80,7 +101,8 @@ def task_tag(task: str) -> str:
 
 def vocabulary() -> list[str]:
     """All tokens: specials, digits, then one tag per task (fixed order, so ids are stable)."""
-    return SPECIAL_TOKENS + DIGITS + [task_tag(task) for task in TASKS]
+    return (SPECIAL_TOKENS + DIGITS + [task_tag(task) for task in TASKS] + [task_tag(d) for d in DOMAINS]
+            + [word for words in DOMAIN_WORDS.values() for word in words])
 
 
 def build_tokenizer():
@@ -180,4 +202,74 @@ def evaluate_tasks(
             if cache is not None:
                 cache[task] = batch
         results[task] = exact_match(model, batch)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- domain tasks
+
+def domain_dictionary(domain: str) -> dict[str, str]:
+    """The fixed rewrite rule of ``domain``: a seeded permutation of its words (digits are copied unchanged)."""
+    if domain not in DOMAIN_WORDS:
+        raise ValueError(f"Unknown domain {domain!r}; known domains: {', '.join(DOMAINS)}.")
+    words = DOMAIN_WORDS[domain]
+    targets = list(words)
+    random.Random(f"dictionary-{domain}").shuffle(targets)
+    return dict(zip(words, targets))
+
+
+def split_of(prompt: str) -> str:
+    """The split a domain prompt belongs to: 80% train, 10% validation, 10% test, fixed by a hash of the prompt."""
+    bucket = zlib.crc32(prompt.encode()) % 10
+    return "test" if bucket == 9 else "validation" if bucket == 8 else "train"
+
+
+def make_domain_example(
+    domain: str, rng: random.Random, length: int = 6, split: str = "train", echo: bool = False
+) -> tuple[str, str]:
+    """One (prompt, answer) pair of ``domain`` from ``split``: words rewritten by the domain's dictionary, digits
+    copied, e.g. ``<law> court 3 jury = tort 3 plea </s>``. With ``echo``, the answer repeats the prompt instead
+    (a model trained on echoes can read and repeat the domain's text, but has never seen its task)."""
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}.")
+    dictionary = {} if echo else domain_dictionary(domain)
+    words = DOMAIN_WORDS[domain]
+    while True:
+        xs = [rng.choice(DIGITS) if rng.random() < DIGIT_SHARE else rng.choice(words) for _ in range(length)]
+        prompt = " ".join([task_tag(domain), *xs, "="])
+        if split_of(prompt) == split:
+            return prompt, " ".join([*(dictionary.get(x, x) for x in xs), "</s>"])
+
+
+def encode_domain_examples(
+    tokenizer, domain: str, count: int, seed: int = 0, length: int = 6, split: str = "train", mask_prompt: bool = True
+) -> dict[str, torch.Tensor]:
+    """Tokenised batch of ``count`` examples of ``domain``'s task from ``split`` (see :func:`encode_pairs`)."""
+    rng = random.Random(f"{domain}-{split}-{seed}")
+    return encode_pairs(tokenizer, [make_domain_example(domain, rng, length, split) for _ in range(count)], mask_prompt)
+
+
+def domain_mixture_batch(
+    tokenizer, domains: list[str], count: int, rng: random.Random, length: int = 6, echo: Iterable[str] = ()
+) -> dict[str, torch.Tensor]:
+    """A pre-training batch from the training split: domains drawn uniformly; the ``echo`` domains contribute
+    echoes of their text rather than their task."""
+    echo = set(echo)
+    chosen = rng.choices(domains, k=count)
+    return encode_pairs(tokenizer, [make_domain_example(d, rng, length, echo=d in echo) for d in chosen])
+
+
+def evaluate_domains(
+    model: nn.Module, tokenizer, domains: Iterable[str], count: int = 256, split: str = "test", length: int = 6,
+    cache: Optional[dict[tuple[str, str], dict[str, torch.Tensor]]] = None,
+) -> dict[str, float]:
+    """Exact-match accuracy on each domain's task, on ``count`` examples of ``split``."""
+    results = {}
+    for domain in domains:
+        key = (domain, split)
+        batch = cache.get(key) if cache is not None else None
+        if batch is None:
+            batch = encode_domain_examples(tokenizer, domain, count, seed=0, length=length, split=split)
+            if cache is not None:
+                cache[key] = batch
+        results[domain] = exact_match(model, batch)
     return results
