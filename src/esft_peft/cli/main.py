@@ -371,7 +371,6 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from ..demo.run import main as demo_main
 
-    _check_out(args)
     demo_main(args.out, size="quick" if args.quick else "full", seed=args.seed)
 
 
@@ -559,7 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add_command("demo", help="run the offline end-to-end demo on a small synthetic MoE",
                                description="Pre-train a small DeepSeek-V2-style MoE on synthetic tasks, then score, "
                                "select, train ESFT, evaluate, save, reload and merge (1-2 minutes on a CPU).")
-    _add_out(demo, "DIR", "directory for the demo's artifacts")
+    demo.add_argument("--out", required=True, metavar="DIR",
+                      help="directory for the demo's outputs: new, empty, or an earlier demo run's (its outputs are "
+                      "replaced); a directory with other files is refused")
     demo.add_argument("--quick", action="store_true", help="a smaller, faster run (under a minute; less accurate)")
     demo.add_argument("--seed", type=int, default=1,
                       help="random seed (results vary by seed, see docs/paper_in_miniature.md)")

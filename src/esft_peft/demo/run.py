@@ -89,7 +89,7 @@ def _run_demo(out: Path, size: str, seed: int, progress: bool, **overrides: Any)
         base.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    atomic_directory_write(out / "base", save_base)
+    atomic_directory_write(out / "base", save_base, overwrite=True)
     base.name_or_path = str((out / "base").resolve())  # recorded as the adapter's base model
 
     scores = score_domain(base, tokenizer, settings, target, seed)
@@ -122,7 +122,7 @@ def _run_demo(out: Path, size: str, seed: int, progress: bool, **overrides: Any)
         esft.save_pretrained(tmp)
         write_model_card(esft, tmp)
 
-    atomic_directory_write(out / "adapter", save_adapter)
+    atomic_directory_write(out / "adapter", save_adapter, overwrite=True)
     rows["ESFT"]["artifact_bytes"] = (out / "adapter" / "adapter_model.safetensors").stat().st_size
     # A full fine-tune is stored as a whole model: the same tensors as the base, so the same file size.
     rows["FFT"]["artifact_bytes"] = (out / "base" / "model.safetensors").stat().st_size
@@ -136,7 +136,7 @@ def _run_demo(out: Path, size: str, seed: int, progress: bool, **overrides: Any)
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    atomic_directory_write(out / "merged", save_merged)
+    atomic_directory_write(out / "merged", save_merged, overwrite=True)
     merged_accuracy = evaluate(AutoModelForCausalLM.from_pretrained(out / "merged").eval())
 
     config = base.config
