@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 from pathlib import Path
 
 import torch
@@ -23,28 +24,59 @@ from esft_peft.demo.miniature import run_miniature
 from esft_peft.demo.report import findings, markdown_report
 from esft_peft.demo.settings import SIZES, load_settings
 from esft_peft.interop.files import atomic_write_text
+from esft_peft.scoring.plotting import require_matplotlib
+
+
+def plot_overlap(matrix: dict[str, dict[str, float]], path: Path, title: str) -> None:
+    """The domains' overlap matrix (Jaccard index of their selected experts) as an annotated image."""
+    Figure = require_matplotlib()
+    domains = list(matrix)
+    figure = Figure(figsize=(5.2, 4.4))
+    axes = figure.add_subplot()
+    image = axes.imshow([[matrix[a][b] for b in domains] for a in domains], vmin=0, vmax=1, cmap="viridis")
+    for i, a in enumerate(domains):
+        for j, b in enumerate(domains):
+            axes.text(j, i, f"{matrix[a][b]:.2f}", ha="center", va="center",
+                      color="black" if matrix[a][b] > 0.6 else "white", fontsize=8)
+    axes.set_xticks(range(len(domains)), domains, rotation=30)
+    axes.set_yticks(range(len(domains)), domains)
+    axes.set_title(title, fontsize=9)
+    figure.colorbar(image, ax=axes, label="Jaccard index")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 def write_figures(results: dict, directory: Path) -> list[Path]:
-    """Token-score heatmaps (selected experts outlined) and a two-domain comparison, from the first seed."""
+    """From the first seed: token-score heatmaps of every domain (fine experts) and of the target (coarse experts),
+    with the selected experts outlined; a two-domain comparison; and, over all seeds, the overlap matrix."""
     directory.mkdir(parents=True, exist_ok=True)
     target = results["target_domain"]
     other = next(domain for domain in results["domains"] if domain != target)
+    p = results["top_p"]["token"]
     written = []
     for unit in results["units"]:
         if unit["seed"] != results["seeds"][0]:
             continue
         scores = {domain: ExpertScores.from_dict(data) for domain, data in unit["scores"].items()}
         architecture = unit["architecture"]
-        for domain in ([target, other] if architecture == "fine" else [target]):
+        for domain in (results["domains"] if architecture == "fine" else [target]):
             path = directory / f"miniature_{architecture}_{domain}.png"
-            plot_scores(scores[domain], path=path, selection=scores[domain].select("token"),
-                        title=f"{domain} ({architecture} experts, seed {unit['seed']}): token scores, p=0.2")
+            plot_scores(scores[domain], path=path, selection=scores[domain].select("token", top_p=p),
+                        title=f"{domain} ({architecture} experts, seed {unit['seed']}): token scores, p={p}")
             written.append(path)
         if architecture == "fine":
             path = directory / f"miniature_{target}_vs_{other}.png"
             plot_comparison(compare_tasks(scores[target], scores[other], labels=(target, other)), path)
             written.append(path)
+    fine = [unit for unit in results["units"] if unit["architecture"] == "fine"]
+    if fine:
+        domains = results["domains"]
+        matrix = {a: {b: statistics.mean(u["routing"]["token"]["overlap"][a][b] for u in fine) for b in domains}
+                  for a in domains}
+        path = directory / "miniature_overlap.png"
+        plot_overlap(matrix, path, f"Overlap of the token-selected experts (p={p})\n"
+                                   f"mean over layers and {len(fine)} seeds")
+        written.append(path)
     return written
 
 

@@ -60,3 +60,36 @@ def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def base_of(peft_model: PeftModel) -> nn.Module:
     return peft_model.get_base_model()
+
+
+FRESH_PROCESS_RELOAD = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+import esft_peft
+from peft import PeftModel
+from {module} import {factory}
+from esft_helpers import logits
+results = {{}}
+for name, (family, implementation, folder) in json.loads(sys.argv[1]).items():
+    base = {factory}(family)
+    if implementation:
+        base.set_experts_implementation(implementation)
+    model = PeftModel.from_pretrained(base, folder)
+    results[name] = torch.equal(logits(model), torch.load(folder + "/expected.pt"))
+print(json.dumps(results))
+"""
+
+
+def reload_in_fresh_process(factory: str, runs: dict[str, tuple[str, str | None, str]]) -> dict[str, bool]:
+    """Reload each saved adapter in a new Python process and compare its logits with ``expected.pt`` in its folder.
+
+    ``factory`` is ``"module:function"`` (a tests module that builds a base model from a family name); ``runs`` maps
+    a name to (family, experts implementation or None, adapter folder). Returns {name: bit-identical}."""
+    import subprocess
+    import sys
+
+    module, function = factory.split(":")
+    script = FRESH_PROCESS_RELOAD.format(tests=str(Path(__file__).parent), module=module, factory=function)
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(runs)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -179,3 +179,19 @@ def test_miniature_unit_tunes_on_validation_and_reports(tmp_path):
     assert "Routing concentration (fine-grained experts)" in report and "Per seed" in report
     assert "| fine | 0 | ESFT-Token |" in report
     json.loads(json.dumps(unit))  # every row is JSON-serialisable
+
+
+def test_coarse_twin_has_the_same_expert_parameters():
+    settings = load_settings("full")
+    fine, coarse = build_model(settings, seed=0), build_model(settings, seed=0, coarse=True)
+
+    def expert_parameters(model, part):
+        return sum(p.numel() for layer in model.model.layers[settings.model["first_k_dense_replace"]:]
+                   for p in getattr(layer.mlp, part).parameters())
+
+    for part in ("experts", "shared_experts"):
+        assert expert_parameters(fine, part) == expert_parameters(coarse, part)
+    fine_config, coarse_config = fine.config, coarse.config
+    active = lambda c: c.num_experts_per_tok * c.moe_intermediate_size  # noqa: E731
+    assert active(fine_config) == active(coarse_config)
+    assert coarse_config.n_routed_experts < fine_config.n_routed_experts

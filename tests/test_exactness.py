@@ -8,17 +8,13 @@ model matches it to float rounding: measured at most 1.5e-7 on these logits (fp3
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
 from esft_peft import ESFTConfig, find_moe_layers
-from esft_helpers import logits, selection, state_copy, train_steps
+from esft_helpers import logits, reload_in_fresh_process, selection, state_copy, train_steps
 from tiny_families import FAMILIES, make_model
 
 IMPLEMENTATIONS = ("grouped_mm", "eager", "batched_mm")
@@ -62,23 +58,6 @@ def test_exactness_per_implementation(family, implementation):
     assert torch.equal(logits(unloaded), reference)
 
 
-FRESH_PROCESS = """
-import json, sys, torch
-sys.path.insert(0, {tests!r})
-import esft_peft
-from peft import PeftModel
-from tiny_families import make_model
-from esft_helpers import logits
-results = {{}}
-for name, (family, implementation, folder) in json.loads(sys.argv[1]).items():
-    base = make_model(family)
-    base.set_experts_implementation(implementation)
-    model = PeftModel.from_pretrained(base, folder)
-    results[name] = torch.equal(logits(model), torch.load(folder + "/expected.pt"))
-print(json.dumps(results))
-"""
-
-
 def test_fresh_process_reload_is_exact_per_implementation(tmp_path):
     runs = {}
     for family in FUSED[:4] + ["gpt_oss"]:
@@ -89,10 +68,7 @@ def test_fresh_process_reload_is_exact_per_implementation(tmp_path):
             model.save_pretrained(tmp_path / name)
             torch.save(logits(model), tmp_path / name / "expected.pt")
             runs[name] = (family, implementation, str(tmp_path / name))
-    script = FRESH_PROCESS.format(tests=str(Path(__file__).parent))
-    done = subprocess.run([sys.executable, "-c", script, json.dumps(runs)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {name: True for name in runs}
+    assert reload_in_fresh_process("tiny_families:make_model", runs) == {name: True for name in runs}
 
 
 def test_reloaded_adapter_in_this_process_is_exact_under_every_implementation(tmp_path):

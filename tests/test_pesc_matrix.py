@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
 from esft_peft import PESCConfig, PESCLayer, find_moe_layers, score_experts
-from esft_helpers import batch, logits, safetensors_layout, state_copy, train_steps
+from esft_helpers import batch, logits, reload_in_fresh_process, safetensors_layout, state_copy, train_steps
 from pesc_helpers import SETTINGS, adapter_params, crafted, pesc_layers, reference_layer
 from test_registration import transformers_manages_adapters
 from tiny_dense import DENSE_FAMILIES, make_dense_model
@@ -208,21 +205,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
 
 
-FRESH_PROCESS = """
-import json, sys, torch
-sys.path.insert(0, {tests!r})
-import esft_peft
-from peft import PeftModel
-from tiny_dense import make_dense_model
-from esft_helpers import logits
-results = {{}}
-for family, folder in json.loads(sys.argv[1]).items():
-    model = PeftModel.from_pretrained(make_dense_model(family), folder)
-    results[family] = torch.equal(logits(model), torch.load(folder + "/expected.pt"))
-print(json.dumps(results))
-"""
-
-
 def test_fresh_process_reload_is_exact_on_every_family(tmp_path):
     folders = {}
     for family in FAMILIES:
@@ -232,10 +214,8 @@ def test_fresh_process_reload_is_exact_on_every_family(tmp_path):
         model.save_pretrained(folder)
         torch.save(logits(model), folder / "expected.pt")
         folders[family] = str(folder)
-    script = FRESH_PROCESS.format(tests=str(Path(__file__).parent))
-    done = subprocess.run([sys.executable, "-c", script, json.dumps(folders)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {family: True for family in FAMILIES}
+    runs = {family: (family, None, folder) for family, folder in folders.items()}
+    assert reload_in_fresh_process("tiny_dense:make_dense_model", runs) == {family: True for family in FAMILIES}
 
 
 def test_family_matrix_includes_fused_gate_up_and_gateless_mlps():

@@ -6,9 +6,6 @@ import contextlib
 import io
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from esft_peft import ESFTConfig, ESFTLayer, find_moe_layers
 from esft_peft.tuners.esft.targets import base_layout
-from esft_helpers import delta_params, logits, safetensors_layout, selection, state_copy, train_steps
+from esft_helpers import (
+    delta_params, logits, reload_in_fresh_process, safetensors_layout, selection, state_copy, train_steps,
+)
 from tiny_families import FAMILIES, make_model
 
 FAMILY_NAMES = list(FAMILIES)
@@ -219,21 +218,6 @@ def test_weighted_adapter_union_and_weighted_sum(family):
     torch.testing.assert_close(logits(model), union_out, atol=1e-6, rtol=0)
 
 
-FRESH_PROCESS = """
-import json, sys, torch
-sys.path.insert(0, {tests!r})
-import esft_peft
-from peft import PeftModel
-from tiny_families import make_model
-from esft_helpers import logits
-results = {{}}
-for family, folder in json.loads(sys.argv[1]).items():
-    model = PeftModel.from_pretrained(make_model(family), folder)
-    results[family] = torch.equal(logits(model), torch.load(folder + "/expected.pt"))
-print(json.dumps(results))
-"""
-
-
 def test_fresh_process_reload_is_exact_on_every_family(tmp_path):
     folders = {}
     for family in FAMILY_NAMES:
@@ -242,10 +226,8 @@ def test_fresh_process_reload_is_exact_on_every_family(tmp_path):
         model.save_pretrained(folder)
         torch.save(logits(model), folder / "expected.pt")
         folders[family] = str(folder)
-    script = FRESH_PROCESS.format(tests=str(Path(__file__).parent))
-    done = subprocess.run([sys.executable, "-c", script, json.dumps(folders)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {family: True for family in FAMILY_NAMES}
+    runs = {family: (family, None, folder) for family, folder in folders.items()}
+    assert reload_in_fresh_process("tiny_families:make_model", runs) == {family: True for family in FAMILY_NAMES}
 
 
 FUSED_FAMILIES = [f for f in FAMILY_NAMES if {l.kind for l in find_moe_layers(make_model(f)).values()} == {"fused"}]

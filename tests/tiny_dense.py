@@ -5,17 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-VOCAB = 96
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-)
+from tiny_families import COMMON
+
+VOCAB = COMMON["vocab_size"]
 
 # family -> overrides of COMMON. phi3 fuses gate and up (gate_up_proj); starcoder2 has no gate (c_fc/c_proj).
 DENSE_FAMILIES: dict[str, dict] = {

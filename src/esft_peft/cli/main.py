@@ -234,10 +234,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer
 
-    from ..interop.files import atomic_directory_write
-    from ..interop.hub import adapter_statistics, write_model_card
+    from ..interop.hub import adapter_statistics
     from ..training import ExpertWeightDecayCallback, esft_training_arguments, gather_adapter_state_dict
     from ..tuners.esft.config import ESFTConfig
+    from .outputs import save_trained_adapter
 
     if args.method == "pesc":
         from .pesc import pesc_config, train_pesc
@@ -280,17 +280,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         trainer.train()
     adapter_state = gather_adapter_state_dict(model)  # every process takes part (FSDP2/ZeRO-3 partitions)
 
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, state_dict=adapter_state)
-        tokenizer.save_pretrained(tmp)
-        config.save_expert_config(tmp / EXPERT_CONFIG_NAME)
-        trainer.state.save_to_json(str(tmp / "trainer_state.json"))
-        write_model_card(model, tmp)
-
-    if trainer.is_world_process_zero():
-        atomic_directory_write(args.out, write, overwrite=args.overwrite)
-        print(f"adapter -> {args.out}")
-    trainer.accelerator.wait_for_everyone()
+    save_trained_adapter(args, trainer, model, tokenizer, state_dict=adapter_state,
+                         extra=lambda tmp: config.save_expert_config(tmp / EXPERT_CONFIG_NAME))
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

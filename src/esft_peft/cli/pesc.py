@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from pathlib import Path
 from typing import Any, Callable
 
 # The authors' train_moe.py (paged AdamW 32-bit on GPU; plain AdamW on CPU), 500 steps as the ESFT default.
@@ -70,10 +69,9 @@ def train_pesc(args: argparse.Namespace, tokenizer: Any, dataset: Any, load_mode
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from ..interop.files import atomic_directory_write
-    from ..training.helpers import CHECKPOINTING, CHECKPOINTING_KWARGS
     from ..interop.pesc_card import pesc_adapter_parameters
-    from ..interop.hub import write_model_card
+    from ..training.helpers import CHECKPOINTING, CHECKPOINTING_KWARGS
+    from .outputs import save_trained_adapter
 
     config = pesc_config(args)  # validated before the model is loaded
     model = get_peft_model(_load_base(args, load_model), config)
@@ -103,13 +101,4 @@ def train_pesc(args: argparse.Namespace, tokenizer: Any, dataset: Any, load_mode
         trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator)
         trainer.train()
 
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        trainer.state.save_to_json(str(tmp / "trainer_state.json"))
-        write_model_card(model, tmp)
-
-    if trainer.is_world_process_zero():
-        atomic_directory_write(args.out, write, overwrite=args.overwrite)
-        print(f"adapter -> {args.out}")
-    trainer.accelerator.wait_for_everyone()
+    save_trained_adapter(args, trainer, model, tokenizer)

@@ -23,8 +23,10 @@ class DemoSettings:
         demo_top_p: the demo's ESFT-Token selection threshold (the paper's is 0.2; see docs/paper_in_miniature.md for
             why the demo selects more).
         sequence_words: words (or digits) per prompt.
-        learning_rates: the demo's fine-tuning learning rate per method family ("ESFT", "FFT"): the values the paper
-            in miniature picks most often on the validation split from ``learning_rate_grids`` (per family).
+        learning_rates: the demo's fine-tuning learning rate per method family ("ESFT", "FFT"), chosen on the
+            validation split (``examples/lr_sweep.py`` for ESFT, the paper in miniature's tuning for FFT; see
+            docs/paper_in_miniature.md).
+        learning_rate_grids: the learning rates the paper in miniature tunes each method family over.
     """
 
     model_type: str

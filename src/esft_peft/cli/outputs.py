@@ -1,0 +1,28 @@
+"""Writing a trained adapter from the CLI: one atomic directory, on the main process only."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+
+def save_trained_adapter(args: argparse.Namespace, trainer: Any, model: Any, tokenizer: Any,
+                         state_dict: Optional[dict] = None, extra: Optional[Callable[[Path], None]] = None) -> None:
+    """Write the adapter, tokenizer, trainer state and model card atomically to ``args.out`` (``args.overwrite``
+    decides whether an existing directory may be replaced); ``extra`` writes more files into the same directory."""
+    from ..interop.files import atomic_directory_write
+    from ..interop.hub import write_model_card
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
+        tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+        trainer.state.save_to_json(str(tmp / "trainer_state.json"))
+        write_model_card(model, tmp)
+
+    if trainer.is_world_process_zero():
+        atomic_directory_write(args.out, write, overwrite=args.overwrite)
+        print(f"adapter -> {args.out}")
+    trainer.accelerator.wait_for_everyone()
