@@ -81,7 +81,8 @@ def _results(esft_target, esft_retention, fft_target=1.0, fft_retention=0.2):
 
 def test_summary_sentence_says_what_happened():
     assert "kept 90% mean accuracy on the other domains against 20%" in summary_sentence(_results(1.0, 0.9))
-    assert "did not retain the other domains better" in summary_sentence(_results(1.0, 0.22))
+    assert "did not retain the other domains better (22% vs 20%)" in summary_sentence(_results(1.0, 0.22))
+    assert "it retained less of the other domains (70% vs 79%)" in summary_sentence(_results(1.0, 0.70, 1.0, 0.79))
     assert "learned law less well than full fine-tuning (50% vs 100%)" in summary_sentence(_results(0.5, 0.9))
 
 

@@ -237,7 +237,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from ..interop.hub import adapter_statistics
     from ..training import ExpertWeightDecayCallback, esft_training_arguments, gather_adapter_state_dict
     from ..tuners.esft.config import ESFTConfig
-    from .outputs import save_trained_adapter
+    from .train_common import save_trained_adapter, training_overrides
 
     if args.method == "pesc":
         from .pesc import pesc_config, train_pesc
@@ -261,14 +261,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if int(os.environ.get("RANK", "0")) == 0:  # launched processes set RANK; Trainer's state does not exist yet
         print(f"training {config.num_selected_experts} experts: {stats['adapter_parameters']:,} parameters "
               f"({stats['trainable_fraction']:.2%} of the model)")
-    overrides: dict[str, Any] = {
-        key: value for key, value in {
-            "max_steps": args.max_steps, "learning_rate": args.learning_rate,
-            "per_device_train_batch_size": args.batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
-            "logging_steps": args.logging_steps,
-        }.items() if value is not None
-    }
+    overrides: dict[str, Any] = training_overrides(args)
     if args.no_gradient_checkpointing:
         overrides["activation_checkpointing"] = False
     with tempfile.TemporaryDirectory(prefix="esft-train-") as work:

@@ -71,7 +71,7 @@ def train_pesc(args: argparse.Namespace, tokenizer: Any, dataset: Any, load_mode
 
     from ..interop.pesc_card import pesc_adapter_parameters
     from ..training.helpers import CHECKPOINTING, CHECKPOINTING_KWARGS
-    from .outputs import save_trained_adapter
+    from .train_common import save_trained_adapter, training_overrides
 
     config = pesc_config(args)  # validated before the model is loaded
     model = get_peft_model(_load_base(args, load_model), config)
@@ -79,14 +79,7 @@ def train_pesc(args: argparse.Namespace, tokenizer: Any, dataset: Any, load_mode
         count = pesc_adapter_parameters(model)
         print(f"crafting {len(config.base_shapes)} MLPs into {config.num_experts} adapter experts (top-{config.top_k})"
               f": {count:,} adapter parameters")
-    overrides = {
-        key: value for key, value in {
-            "max_steps": args.max_steps, "learning_rate": args.learning_rate,
-            "per_device_train_batch_size": args.batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
-            "logging_steps": args.logging_steps,
-        }.items() if value is not None
-    }
+    overrides = training_overrides(args)
     checkpointing = not args.no_gradient_checkpointing
     with tempfile.TemporaryDirectory(prefix="pesc-train-") as work:
         training_args = TrainingArguments(**{

@@ -190,9 +190,11 @@ def summary_sentence(results: dict) -> str:
                 f"while training {share}, and kept {esft['retention']:.0%} mean accuracy on the other domains against "
                 f"{fft['retention']:.0%}: it changed only the experts {target} is routed to.")
     if learned:
+        outcome = ("retained less of the other domains" if esft["retention"] < fft["retention"] - 0.05
+                   else "did not retain the other domains better")
         return (f"ESFT learned {target} as well as full fine-tuning ({esft['target']:.0%} vs {fft['target']:.0%}) "
-                f"while training {share}, but in this run it did not retain the other domains better "
-                f"({esft['retention']:.0%} vs {fft['retention']:.0%}).")
+                f"while training {share}, but in this run it {outcome} ({esft['retention']:.0%} vs "
+                f"{fft['retention']:.0%}).")
     return (f"In this run ESFT learned {target} less well than full fine-tuning ({esft['target']:.0%} vs "
             f"{fft['target']:.0%}) in the same steps; retention of the other domains: {esft['retention']:.0%} vs "
             f"{fft['retention']:.0%}.")

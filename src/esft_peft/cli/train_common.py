@@ -1,10 +1,23 @@
-"""Writing a trained adapter from the CLI: one atomic directory, on the main process only."""
+"""What `esft-peft train` does the same way for ESFT and PESC: Trainer overrides from the options, and writing the
+trained adapter (one atomic directory, on the main process only)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+
+def training_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainingArguments the command-line options set (options left unset keep the method's defaults)."""
+    return {
+        key: value for key, value in {
+            "max_steps": args.max_steps, "learning_rate": args.learning_rate,
+            "per_device_train_batch_size": args.batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
+            "logging_steps": args.logging_steps,
+        }.items() if value is not None
+    }
 
 
 def save_trained_adapter(args: argparse.Namespace, trainer: Any, model: Any, tokenizer: Any,
