@@ -11,13 +11,12 @@ validation split of the target domain and of the other domains (retention). The 
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
 from esft_peft.demo import load_settings, pretrain_base
 from esft_peft.demo import synthetic_tasks as st
-from esft_peft.demo.methods import Method, prepare
+from esft_peft.demo.methods import demo_method, prepare
 from esft_peft.demo.quiet import quiet_libraries
 from esft_peft.demo.settings import SIZES, DemoSettings
 from esft_peft.demo.training import finetuning_stream, score_domain, train_loop
@@ -27,13 +26,13 @@ def validate(model: torch.nn.Module, tokenizer, settings: DemoSettings) -> tuple
     """(target-domain accuracy, mean accuracy on the other domains) on the validation split."""
     accuracy = st.evaluate_domains(model, tokenizer, settings.domains, settings.eval_examples, split="validation",
                                    length=settings.sequence_words)
-    return accuracy[settings.target_domain], statistics.mean(accuracy[d] for d in settings.other_domains)
+    return accuracy[settings.target_domain], st.retention(accuracy, settings.target_domain)
 
 
 def sweep_seed(settings: DemoSettings, seed: int, rates: list[float]) -> dict[float, tuple[float, float]]:
     """{learning rate: (target accuracy, retention)} on one pre-trained base; key 0.0 holds the base itself."""
     base, tokenizer = pretrain_base(settings, seed=seed, progress=False)
-    method = Method(f"ESFT-Token p={settings.demo_top_p:g}", "ESFT", "token", top_p=settings.demo_top_p)
+    method = demo_method(settings.demo_top_p)
     scores = score_domain(base, tokenizer, settings, settings.target_domain, seed)
     results = {0.0: validate(base, tokenizer, settings)}
     for rate in rates:

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 from pathlib import Path
 
 import torch
 
 from esft_peft import ExpertScores, compare_tasks, plot_comparison, plot_scores
 from esft_peft.demo.miniature import run_miniature
-from esft_peft.demo.report import findings, markdown_report
+from esft_peft.demo.report import findings, markdown_report, mean_overlap
 from esft_peft.demo.settings import SIZES, load_settings
 from esft_peft.interop.files import atomic_write_text
 from esft_peft.scoring.plotting import require_matplotlib
@@ -68,14 +67,11 @@ def write_figures(results: dict, directory: Path) -> list[Path]:
             path = directory / f"miniature_{target}_vs_{other}.png"
             plot_comparison(compare_tasks(scores[target], scores[other], labels=(target, other)), path)
             written.append(path)
-    fine = [unit for unit in results["units"] if unit["architecture"] == "fine"]
-    if fine:
-        domains = results["domains"]
-        matrix = {a: {b: statistics.mean(u["routing"]["token"]["overlap"][a][b] for u in fine) for b in domains}
-                  for a in domains}
+    seeds = sum(unit["architecture"] == "fine" for unit in results["units"])
+    if seeds:
         path = directory / "miniature_overlap.png"
-        plot_overlap(matrix, path, f"Overlap of the token-selected experts (p={p})\n"
-                                   f"mean over layers and {len(fine)} seeds")
+        plot_overlap(mean_overlap(results), path, f"Overlap of the token-selected experts (p={p})\n"
+                                                  f"mean over layers and {seeds} seeds")
         written.append(path)
     return written
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -28,11 +30,18 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from esft_peft import PESCConfig  # importing esft_peft registers PESC with peft
 from esft_peft.demo import synthetic_tasks as st
-from esft_peft.demo.run import mixture_stream, train_loop
+from esft_peft.demo.training import train_loop
 
 GENERAL = {"copy": 1.0, "reverse": 1.0, "increment": 1.0, "complement": 1.0}
 TUNED = {"sort": 1.0, "double": 1.0, "modsum": 1.0}
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0)
+
+
+def mixture_stream(tokenizer, weights: dict[str, float], batch_size: int, seed: int, digits: int) -> Iterator[dict]:
+    """Endless seeded batches drawn from a weighted mixture of the synthetic digit tasks."""
+    rng = random.Random(seed)
+    while True:
+        yield st.mixture_batch(tokenizer, weights, batch_size, rng, length=digits)
 
 
 def pretrained_base(seed: int, steps: int, tokenizer) -> LlamaForCausalLM:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -11,8 +13,9 @@ from peft import PeftModel
 from torch import nn
 
 from esft_peft import find_moe_layers
+from tiny_families import COMMON
 
-VOCAB = 96
+VOCAB = COMMON["vocab_size"]
 
 
 def batch(seed: int = 0, size: tuple[int, int] = (4, 16)) -> torch.Tensor:
@@ -85,9 +88,6 @@ def reload_in_fresh_process(factory: str, runs: dict[str, tuple[str, str | None,
 
     ``factory`` is ``"module:function"`` (a tests module that builds a base model from a family name); ``runs`` maps
     a name to (family, experts implementation or None, adapter folder). Returns {name: bit-identical}."""
-    import subprocess
-    import sys
-
     module, function = factory.split(":")
     script = FRESH_PROCESS_RELOAD.format(tests=str(Path(__file__).parent), module=module, factory=function)
     done = subprocess.run([sys.executable, "-c", script, json.dumps(runs)], capture_output=True, text=True)

@@ -8,7 +8,6 @@ model matches it to float rounding: measured at most 1.5e-7 on these logits (fp3
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from peft import PeftModel, get_peft_model

@@ -7,8 +7,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from tiny_families import COMMON
 
-VOCAB = COMMON["vocab_size"]
-
 # family -> overrides of COMMON. phi3 fuses gate and up (gate_up_proj); starcoder2 has no gate (c_fc/c_proj).
 DENSE_FAMILIES: dict[str, dict] = {
     "llama": {},

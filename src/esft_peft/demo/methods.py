@@ -49,6 +49,11 @@ METHODS = {
 LORA_RANK = 8
 
 
+def demo_method(top_p: float) -> Method:
+    """The demo's ESFT: token scores selected at ``top_p`` (``DemoSettings.demo_top_p``; "ESFT-Token p=0.4" above)."""
+    return Method(f"ESFT-Token p={top_p:g}", "ESFT", "token", top_p=top_p)
+
+
 def select_experts(method: Method, scores: ExpertScores, seed: int = 0) -> dict[str, list[int]]:
     """The experts ``method`` trains: the top-p rule on its score function (the paper's p unless the method sets
     one; random draws at the same per-layer counts for the random control)."""

@@ -10,7 +10,6 @@ validation split (the highest validation accuracy on the target task; among lear
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from typing import Any, Callable, Optional
 
@@ -44,8 +43,7 @@ def pick_learning_rate(validation: dict[float, float], tolerance: float = LR_TOL
 
 
 def _accuracy_row(accuracy: dict[str, float], target: str) -> dict[str, Any]:
-    others = [domain for domain in accuracy if domain != target]
-    return {"test": accuracy, "target": accuracy[target], "retention": statistics.mean(accuracy[d] for d in others)}
+    return {"test": accuracy, "target": accuracy[target], "retention": st.retention(accuracy, target)}
 
 
 def run_unit(settings: DemoSettings, architecture: str, seed: int, methods: Optional[list[str]] = None,

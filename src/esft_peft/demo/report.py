@@ -116,15 +116,18 @@ def routing_table(results: dict, architecture: str = "fine") -> str:
                    f"experts/layer to gate p={results['top_p']['gate']}"], rows)
 
 
-def overlap_table(results: dict, architecture: str = "fine") -> str:
-    """Mean Jaccard overlap of the token-selected experts of every pair of domains (mean over layers and seeds)."""
+def mean_overlap(results: dict, architecture: str = "fine") -> dict[str, dict[str, float]]:
+    """Jaccard overlap of the token-selected experts of every pair of domains, mean over layers and seeds."""
     units = [unit for unit in results["units"] if unit["architecture"] == architecture]
     domains = results["domains"]
-    rows = []
-    for a in domains:
-        rows.append([a] + [f"{statistics.mean(u['routing']['token']['overlap'][a][b] for u in units):.2f}"
-                           for b in domains])
-    return _table(["overlap"] + domains, rows)
+    return {a: {b: statistics.mean(u["routing"]["token"]["overlap"][a][b] for u in units) for b in domains}
+            for a in domains}
+
+
+def overlap_table(results: dict, architecture: str = "fine") -> str:
+    """:func:`mean_overlap` as a table."""
+    matrix = mean_overlap(results, architecture)
+    return _table(["overlap"] + list(matrix), [[a] + [f"{v:.2f}" for v in row.values()] for a, row in matrix.items()])
 
 
 def learning_rate_table(results: dict) -> str:

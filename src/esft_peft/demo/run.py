@@ -21,7 +21,7 @@ from torch import nn
 
 from ..defaults import EXPERT_CONFIG_NAME
 from . import synthetic_tasks as st
-from .methods import METHODS, Method, prepare, select_experts
+from .methods import METHODS, demo_method, prepare, select_experts
 from .quiet import quiet_libraries
 from .settings import load_settings
 from .routing import selection_coverage
@@ -58,8 +58,7 @@ def run_demo(out_dir: str | Path, size: str = "full", seed: int = 0, progress: b
 
 
 def _row(accuracy: dict[str, float], target: str) -> dict[str, Any]:
-    others = [domain for domain in accuracy if domain != target]
-    return {"accuracy": accuracy, "target": accuracy[target], "retention": statistics.mean(accuracy[d] for d in others)}
+    return {"accuracy": accuracy, "target": accuracy[target], "retention": st.retention(accuracy, target)}
 
 
 def _run_demo(out: Path, size: str, seed: int, progress: bool, **overrides: Any) -> dict:
@@ -95,7 +94,7 @@ def _run_demo(out: Path, size: str, seed: int, progress: bool, **overrides: Any)
     scores = score_domain(base, tokenizer, settings, target, seed)
     scores.save(out / "scores.json")
     top_p = settings.demo_top_p
-    method = Method(f"ESFT-Token p={top_p:g}", "ESFT", "token", top_p=top_p)  # "ESFT-Token p=0.4" of the miniature
+    method = demo_method(top_p)
     experts = select_experts(method, scores, seed)
     coverage = selection_coverage(base, scoring_batch(tokenizer, settings, target, seed), experts)
     plot_scores(scores, path=out / "heatmap.png", selection=experts,

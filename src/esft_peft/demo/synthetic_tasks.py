@@ -15,6 +15,7 @@ Used by the built-in demo (``esft-peft demo``), the paper in miniature and the t
 from __future__ import annotations
 
 import random
+import statistics
 import zlib
 from typing import Callable, Iterable, Optional
 
@@ -256,6 +257,11 @@ def domain_mixture_batch(
     echo = set(echo)
     chosen = rng.choices(domains, k=count)
     return encode_pairs(tokenizer, [make_domain_example(d, rng, length, echo=d in echo) for d in chosen])
+
+
+def retention(accuracy: dict[str, float], target: str) -> float:
+    """Mean accuracy on every domain except ``target``: what fine-tuning on ``target`` kept of the others."""
+    return statistics.mean(value for domain, value in accuracy.items() if domain != target)
 
 
 def evaluate_domains(
