@@ -22,7 +22,7 @@ from esft_peft import ExpertScores, compare_tasks, plot_comparison, plot_scores
 from esft_peft.demo.miniature import run_miniature
 from esft_peft.demo.report import findings, markdown_report, mean_overlap
 from esft_peft.demo.settings import SIZES, load_settings
-from esft_peft.interop.files import atomic_write_text
+from esft_peft.files import atomic_write_text
 from esft_peft.scoring.plotting import require_matplotlib
 
 

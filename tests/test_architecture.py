@@ -68,6 +68,20 @@ def test_no_import_cycles_including_deferred_imports():
     assert len(graph) > 30  # the walk saw the whole package
 
 
+def test_imports_run_one_way_across_layers():
+    """cli/demo -> scoring/interop/training -> tuners -> moe; leaf modules (files, defaults, ...) sit below all."""
+    rank = {"cli": 0, "demo": 0.5, "scoring": 1, "interop": 1, "training": 1, "tuners": 2, "moe": 3}
+    layer_of = lambda module: module.split(".")[1] if module.count(".") >= 2 else None  # noqa: E731
+    wrong = [
+        (source, target)
+        for source, targets in import_graph().items()
+        for target in targets
+        if layer_of(source) in rank and layer_of(target) in rank and layer_of(source) != layer_of(target)
+        and rank[layer_of(target)] <= rank[layer_of(source)]
+    ]
+    assert not wrong, wrong
+
+
 def test_plotting_depends_on_scores_never_the_reverse():
     graph = import_graph()
     importers = {name for name, targets in graph.items() if "esft_peft.scoring.plotting" in targets}

@@ -4,7 +4,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from esft_peft import ESFTConfig, ESFTLayer, NotAnMoEModelError
-from esft_peft.interop.files import CorruptAdapterError
+from esft_peft.files import CorruptAdapterError
 from esft_helpers import selection, state_copy, train_steps
 from tiny_families import make_model
 

@@ -20,7 +20,7 @@ from esft_peft import (
     router_aux_loss,
     score_experts,
 )
-from esft_peft.interop.files import CorruptAdapterError
+from esft_peft.files import CorruptAdapterError
 from esft_peft.moe.errors import UnsupportedLayoutError
 from esft_peft.tuners.pesc.targets import NoDenseMLPError
 from esft_helpers import batch, logits, train_steps

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from esft_peft import ESFTConfig, ExpertScores, score_experts
 from esft_peft.cli.main import main
 from esft_peft.demo import synthetic_tasks as st
-from esft_peft.interop.files import CorruptAdapterError
+from esft_peft.files import CorruptAdapterError
 from esft_peft.interop.official import load_official_adapter, save_official_adapter
 from esft_peft.training import esft_training_arguments
 from tiny_families import make_model

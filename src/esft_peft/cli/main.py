@@ -160,7 +160,7 @@ def training_dataset(dataset, tokenizer, args: argparse.Namespace):
 
 def _check_out(args: argparse.Namespace, *inputs: Optional[str], directory: bool = True, out: Optional[str] = None) -> None:
     """Refuse, before any work, an output that would replace user files or overlap an input."""
-    from ..interop.files import OutputPathError, check_output_path
+    from ..files import OutputPathError, check_output_path
 
     try:
         check_output_path(out or args.out, inputs=inputs, overwrite=args.overwrite, directory=directory)
@@ -280,7 +280,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from peft import PeftModel
 
-    from ..interop.files import atomic_directory_write
+    from ..files import atomic_directory_write
 
     _check_model_source(args.adapter)
     _check_out(args, args.base, args.adapter)

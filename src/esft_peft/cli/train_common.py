@@ -24,7 +24,7 @@ def save_trained_adapter(args: argparse.Namespace, trainer: Any, model: Any, tok
                          state_dict: Optional[dict] = None, extra: Optional[Callable[[Path], None]] = None) -> None:
     """Write the adapter, tokenizer, trainer state and model card atomically to ``args.out`` (``args.overwrite``
     decides whether an existing directory may be replaced); ``extra`` writes more files into the same directory."""
-    from ..interop.files import atomic_directory_write
+    from ..files import atomic_directory_write
     from ..interop.hub import write_model_card
 
     def write(tmp: Path) -> None:

@@ -65,7 +65,7 @@ def _run_demo(out: Path, size: str, seed: int, progress: bool, **overrides: Any)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ..interop.files import atomic_directory_write, atomic_write_text
+    from ..files import atomic_directory_write, atomic_write_text
     from ..interop.hub import write_model_card
     from ..scoring.plotting import plot_scores
 

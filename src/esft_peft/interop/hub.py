@@ -18,7 +18,7 @@ from peft import PeftModel
 from ..tuners.esft.config import ESFTConfig
 from ..tuners.esft.layer import DELTA_CONTAINER
 from ..tuners.pesc.config import PESCConfig
-from .files import atomic_write_text
+from ..files import atomic_write_text
 from .pesc_card import pesc_model_card_text
 
 logger = logging.getLogger(__name__)

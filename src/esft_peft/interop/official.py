@@ -36,7 +36,7 @@ from ..defaults import EXPERT_CONFIG_NAME, OFFICIAL_WEIGHTS_NAME
 from ..moe.discovery import MoELayer, find_moe_layers
 from ..moe.layouts.base import PROJECTIONS, unwrap, with_delta
 from ..tuners.esft.config import ESFTConfig
-from .files import atomic_directory_write
+from ..files import atomic_directory_write
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from ..defaults import SCORE_FUNCTIONS, paper_top_p
-from ..interop.files import atomic_write_text
+from ..files import atomic_write_text
 from ..moe.discovery import MoELayer, find_moe_layers
 from ..moe.layer_keys import LayerMap, layer_sort_key, normalize_layer_key
 from ..tuners.esft.config import ESFTConfig

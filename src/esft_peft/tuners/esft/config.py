@@ -178,7 +178,7 @@ class ESFTConfig(PeftConfig):
 
     def save_expert_config(self, path: Union[str, os.PathLike]) -> None:
         """Write :meth:`to_expert_config` as JSON (atomically)."""
-        from ...interop.files import atomic_write_text
+        from ...files import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_expert_config(), indent=2))
 
@@ -189,7 +189,7 @@ class ESFTConfig(PeftConfig):
         The file's header is kept on the config, so the injection compares every tensor with the base model before
         any weight is loaded.
         """
-        from ...interop.files import check_adapter_weights
+        from ...files import check_adapter_weights
 
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         hub_kwargs, _, _ = cls._split_kwargs(kwargs)

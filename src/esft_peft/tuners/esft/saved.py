@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ...interop.files import SAFETENSORS_FLOAT_DTYPES
+from ...files import SAFETENSORS_FLOAT_DTYPES
 from ...moe.layouts.base import unwrap
 from .config import SAVED_HEADER_ATTRIBUTE, ESFTConfig
 from .layer import DELTA_CONTAINER, ExpertsDeltaLayer, ModuleDeltaLayer

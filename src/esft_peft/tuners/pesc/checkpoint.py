@@ -22,7 +22,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from ...interop.files import CorruptAdapterError
+from ...files import CorruptAdapterError
 from ...moe.layer_keys import layer_key_of_module
 from .config import PESCConfig
 from .layer import PESCLayer
@@ -42,7 +42,7 @@ def read_tensors(path: PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        from ...interop.files import verify_safetensors
+        from ...files import verify_safetensors
 
         verify_safetensors(path)
         return load_file(str(path))

@@ -127,7 +127,7 @@ class PESCConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
         """Load ``adapter_config.json``, check that the weights are a sound safetensors file whose tensor shapes
         match the config (expert count, adapter size), before any model is touched."""
-        from ...interop.files import check_adapter_weights
+        from ...files import check_adapter_weights
         from .weights import check_checkpoint_shapes
 
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
