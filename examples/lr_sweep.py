@@ -17,7 +17,7 @@ import torch
 from esft_peft.demo import load_settings, pretrain_base
 from esft_peft.demo import synthetic_tasks as st
 from esft_peft.demo.methods import demo_method, prepare
-from esft_peft.demo.quiet import quiet_libraries
+from esft_peft.quiet import quiet_libraries
 from esft_peft.demo.settings import SIZES, DemoSettings
 from esft_peft.demo.training import finetuning_stream, score_domain, train_loop
 

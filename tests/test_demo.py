@@ -12,7 +12,7 @@ from esft_peft.demo import synthetic_tasks as st
 from esft_peft.demo.methods import METHODS, prepare
 from esft_peft.demo.miniature import pick_learning_rate, run_unit
 from esft_peft.demo.report import markdown_report
-from esft_peft.demo.quiet import quiet_libraries
+from esft_peft.quiet import quiet_libraries
 from esft_peft.demo.routing import overlap_matrix, routing_summary, selection_coverage, top_share
 from esft_peft.demo.run import check_out_dir, summary_sentence
 from esft_peft.demo.settings import load_settings

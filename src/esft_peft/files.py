@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 PathLike = Union[str, os.PathLike]
 SAFETENSORS_FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -184,6 +183,8 @@ def check_adapter_weights(
     Raises:
         CorruptAdapterError: a pickle-only, truncated or unreadable file, integer tensors, or NaN/inf values.
     """
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME  # here: this leaf module never imports peft itself
+
     local = Path(model_id, subfolder) if subfolder else Path(model_id)
     if local.is_dir():
         weights = local / SAFETENSORS_WEIGHTS_NAME

@@ -8,6 +8,7 @@ the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
@@ -18,7 +19,9 @@ from typing import Any, Optional, Sequence
 
 from ..conversations import encode_conversation
 from ..defaults import EXPERT_CONFIG_NAME, PAPER_SEQUENCE_LENGTH, PAPER_TOKEN_BUDGET, PAPER_TOP_P
-from .pesc import add_pesc_arguments
+from ..quiet import quiet_libraries
+from .pesc import add_pesc_arguments, given_pesc_options
+from .sources import CLIError, check_model_source, hub_or_local, load_model, load_tokenizer, model_reference
 
 logger = logging.getLogger("esft_peft.cli")
 
@@ -36,56 +39,6 @@ EXAMPLES = """examples:
   esft-peft convert --from-official official_dir --base deepseek-ai/ESFT-vanilla-lite --out adapter
   esft-peft demo --out demo_run
 """
-
-
-class CLIError(Exception):
-    """A user-facing failure reported as one line (exit code 1)."""
-
-
-# ---------------------------------------------------------------------------------------------------- loading
-
-
-def load_model(name_or_path: str, dtype: str = "auto", device: Optional[str] = None, trust_remote_code: bool = False):
-    """A causal LM from a Hub id or a local directory."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    _check_model_source(name_or_path)
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    if device:
-        model = model.to(device)
-    return model.eval()
-
-
-def load_tokenizer(name_or_path: str, chat_template: Optional[str] = None):
-    """The tokenizer of ``name_or_path``; ``chat_template`` (a Jinja file) replaces its chat template."""
-    from transformers import AutoTokenizer
-
-    _check_model_source(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    if chat_template:
-        tokenizer.chat_template = _read_file(chat_template)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _check_model_source(name_or_path: str) -> None:
-    """A local directory that exists, or something that can be a Hub repo id; else a one-line error."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return
-    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
-    try:
-        validate_repo_id(name_or_path)
-    except HFValidationError:
-        looks_local = True
-    if looks_local:
-        raise CLIError(f"model or adapter directory not found: {name_or_path} (no such local path, and not a Hub "
-                       "repo id of the form 'org/name'); check the path")
 
 
 def _read_file(path: str) -> str:
@@ -121,8 +74,20 @@ def load_records(data: str, split: str = "train", limit: Optional[int] = None):
 
 def _column(dataset, name: str, option: str):
     if name not in dataset.column_names:
-        raise CLIError(f"{option} {name!r} is not a column of the data; columns: {', '.join(dataset.column_names)}")
+        hint = ""
+        conversations = [column for column in dataset.column_names if _holds_conversations(dataset, column)]
+        if option == "--text-column" and conversations:
+            hint = f"; column {conversations[0]!r} holds conversations: pass --messages-column {conversations[0]}"
+        raise CLIError(f"{option} {name!r} is not a column of the data; columns: {', '.join(dataset.column_names)}"
+                       f"{hint}")
     return dataset[name]
+
+
+def _holds_conversations(dataset, column: str) -> bool:
+    """Whether the first example's ``column`` is a chat conversation ([{role, content}, ...])."""
+    value = dataset[0][column] if len(dataset) else None
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(turn, dict) and {"role", "content"} <= set(turn) for turn in value))
 
 
 def encode_messages(tokenizer, messages: list[dict], max_length: int, train_on_prompt: bool) -> dict[str, list[int]]:
@@ -193,7 +158,11 @@ def cmd_score(args: argparse.Namespace) -> None:
         text_column=args.text_column, messages_column=args.messages_column or "messages",
     )
     scores.save(args.out)
-    print(f"expert scores of {len(dataset)} examples -> {args.out}")
+    tokens = scores.metadata["num_tokens"]
+    left = len(dataset) - scores.num_sequences
+    budget = f"; the token budget ({args.token_budget:,}) left {left} of {len(dataset)} examples unscored" if left > 0 \
+        else ""
+    print(f"expert scores of {scores.num_sequences} examples ({tokens:,} tokens{budget}) -> {args.out}")
     if args.heatmap:
         plot_scores(scores, path=args.heatmap, selection=scores.select("token"))
         print(f"heatmap -> {args.heatmap}")
@@ -224,8 +193,8 @@ def _model_structure(name_or_path: str, trust_remote_code: bool):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _check_model_source(name_or_path)
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    with hub_or_local(name_or_path):
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
@@ -246,14 +215,18 @@ def cmd_train(args: argparse.Namespace) -> None:
         _check_out(args, args.model, args.data, args.chat_template)
         tokenizer = load_tokenizer(args.model, args.chat_template)
         dataset = training_dataset(load_records(args.data, args.split, args.limit), tokenizer, args)
-        train_pesc(args, tokenizer, dataset, load_model)
+        train_pesc(args, tokenizer, dataset)
         return
+    pesc_only = given_pesc_options(args)
+    if pesc_only:
+        raise CLIError(f"{', '.join(pesc_only)} configure --method pesc and do nothing with --method esft; drop them, "
+                       "or pass --method pesc to craft a dense model")
     if args.expert_config is None:
         raise CLIError("--expert-config is required with --method esft")
     if not Path(args.expert_config).is_file():
         raise CLIError(f"expert config not found: {args.expert_config}")
     _check_out(args, args.model, args.data, args.expert_config, args.chat_template)
-    config = ESFTConfig.from_expert_config(args.expert_config, base_model_name_or_path=args.model)
+    config = ESFTConfig.from_expert_config(args.expert_config, base_model_name_or_path=model_reference(args.model))
     tokenizer = load_tokenizer(args.model, args.chat_template)
     dataset = training_dataset(load_records(args.data, args.split, args.limit), tokenizer, args)
     model = get_peft_model(load_model(args.model, args.dtype, args.device), config)
@@ -282,10 +255,12 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     from ..files import atomic_directory_write
 
-    _check_model_source(args.adapter)
+    check_model_source(args.adapter)
     _check_out(args, args.base, args.adapter)
     base = load_model(args.base, args.dtype)
-    merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload()
+    with hub_or_local(args.adapter):
+        adapter_model = PeftModel.from_pretrained(base, args.adapter)
+    merged = adapter_model.merge_and_unload()
     tokenizer = _optional_tokenizer(args.base)
 
     def write(tmp: Path) -> None:
@@ -310,8 +285,8 @@ def _adapter_base(adapter: str, base: Optional[str]) -> str:
 
     if base:
         return base
-    _check_model_source(adapter)
-    recorded = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    with hub_or_local(adapter):
+        recorded = PeftConfig.from_pretrained(adapter).base_model_name_or_path
     if not recorded:
         raise CLIError(f"the adapter {adapter} does not record its base model; pass --base")
     return recorded
@@ -323,7 +298,8 @@ def cmd_push(args: argparse.Namespace) -> None:
     from ..interop.hub import push_adapter
 
     base = load_model(_adapter_base(args.adapter, args.base), args.dtype)
-    model = PeftModel.from_pretrained(base, args.adapter)
+    with hub_or_local(args.adapter):
+        model = PeftModel.from_pretrained(base, args.adapter)
     info = push_adapter(model, args.repo, private=args.private or None, token=args.token, revision=args.revision,
                         create_pr=args.create_pr, description=args.description)
     print(f"pushed {args.adapter} -> {getattr(info, 'commit_url', args.repo)}")
@@ -340,11 +316,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if args.expert_config and not Path(args.expert_config).is_file():
         raise CLIError(f"expert config not found: {args.expert_config}")
     if args.to_official:
-        _check_model_source(args.to_official)
+        check_model_source(args.to_official)
     _check_out(args, source, args.base, args.expert_config)
     base = load_model(args.base, args.dtype, trust_remote_code=args.trust_remote_code)
     if args.from_official:
-        convert_from_official(args.from_official, base, args.out, base_model_name_or_path=args.base,
+        convert_from_official(args.from_official, base, args.out, base_model_name_or_path=model_reference(args.base),
                               expert_config=args.expert_config, overwrite=args.overwrite)
         print(f"official adapter {args.from_official} -> esft-peft adapter {args.out}")
     else:
@@ -430,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"esft-peft {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress details, and show other libraries' warnings and log records (hidden by "
+                        "default)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_command = functools.partial(commands.add_parser, formatter_class=HelpFormatter)
@@ -564,7 +542,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _finish_select_defaults(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        with contextlib.nullcontext() if args.verbose else quiet_libraries(progress_bars=True):
+            args.func(args)
     except KeyboardInterrupt:
         print("esft-peft: interrupted", file=sys.stderr)
         return 130

@@ -19,7 +19,7 @@ from torch import nn
 from ..defaults import PAPER_TOP_P
 from . import synthetic_tasks as st
 from .methods import METHODS, prepare, select_experts
-from .quiet import quiet_libraries
+from ..quiet import quiet_libraries
 from .routing import routing_summary, selection_coverage
 from .settings import DemoSettings
 from .training import (

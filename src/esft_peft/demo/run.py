@@ -22,7 +22,7 @@ from torch import nn
 from ..defaults import EXPERT_CONFIG_NAME
 from . import synthetic_tasks as st
 from .methods import METHODS, demo_method, prepare, select_experts
-from .quiet import quiet_libraries
+from ..quiet import quiet_libraries
 from .settings import load_settings
 from .routing import selection_coverage
 from .training import count_parameters, finetuning_stream, pretrain_base, score_domain, scoring_batch, train_loop

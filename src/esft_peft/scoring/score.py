@@ -139,6 +139,9 @@ def score_experts(
                 counted_total += added
                 sequences_counted += int(rows.sum())
                 progress.update(added)
+            else:  # the data ended before the budget: the bar ends at 100% of what there was
+                progress.total = progress.n
+                progress.refresh()
     finally:
         model.train(modes[model])  # the model's own train() (transformers re-selects kernels on a mode change)
         for module, training in modes.items():  # then each module, as some may have been set apart by the user
