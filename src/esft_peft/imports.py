@@ -105,13 +105,17 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 
 def register_methods() -> None:
-    """Register ``"ESFT"`` and ``"PESC"`` with peft: importing a tuner package registers its method. A package that
-    is being imported right now (peft's import was triggered from inside it) registers itself when it finishes."""
+    """Register ``"ESFT"`` and ``"PESC"`` with peft: importing a tuner package registers its method (a package that
+    is being imported right now, peft's import having been triggered from inside it, registers itself when it
+    finishes); and let peft's ``save_pretrained``/``push_to_hub`` write the methods' model card."""
     for method in ("esft", "pesc"):
         name = f"{__package__}.tuners.{method}"
         if name not in sys.modules:
             with quiet_optional_imports():
                 importlib.import_module(name)
+    from .interop.model_card import extend_peft_model_card
+
+    extend_peft_model_card()
 
 
 # Optional back-ends whose import may log what a user cannot act on, whoever imports them (peft, accelerate, ...).

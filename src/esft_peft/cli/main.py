@@ -41,12 +41,6 @@ EXAMPLES = """examples:
 """
 
 
-def _read_file(path: str) -> str:
-    if not Path(path).is_file():
-        raise CLIError(f"file not found: {path}")
-    return Path(path).read_text(encoding="utf-8")
-
-
 def load_records(data: str, split: str = "train", limit: Optional[int] = None):
     """A ``datasets.Dataset`` from a local file/directory or a datasets Hub id."""
     from datasets import load_dataset

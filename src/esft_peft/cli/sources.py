@@ -18,6 +18,7 @@ def load_model(name_or_path: str, dtype: str = "auto", device: Optional[str] = N
     from transformers import AutoModelForCausalLM
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    name_or_path = model_reference(name_or_path)  # what adapters record as their base (peft reads name_or_path)
     with hub_or_local(name_or_path):
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype,
                                                      trust_remote_code=trust_remote_code)
@@ -33,7 +34,7 @@ def load_tokenizer(name_or_path: str, chat_template: Optional[str] = None):
     with hub_or_local(name_or_path):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if chat_template:
-        tokenizer.chat_template = _read_file(chat_template)
+        tokenizer.chat_template = read_file(chat_template)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -79,3 +80,9 @@ def hub_or_local(name_or_path: str) -> Iterator[None]:
             f"provide it as a repo id (unreachable, offline, or no such repo: {reason}). Check the path, or the repo "
             "id and your connection"
         ) from error
+
+
+def read_file(path: str) -> str:
+    if not Path(path).is_file():
+        raise CLIError(f"file not found: {path}")
+    return Path(path).read_text(encoding="utf-8")

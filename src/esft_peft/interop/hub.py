@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
@@ -19,6 +20,7 @@ from ..tuners.esft.config import ESFTConfig
 from ..tuners.esft.layer import DELTA_CONTAINER
 from ..tuners.pesc.config import PESCConfig
 from ..files import atomic_write_text
+from .card_section import card_section, refresh_card
 from .pesc_card import pesc_model_card_text
 
 logger = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ In the official ESFT expert-config format:
 {_official_json(config)}
 ```
 """
-    return "\n".join(metadata) + body
+    return "\n".join(metadata) + card_section(body)
 
 
 def _official_json(config: ESFTConfig) -> str:
@@ -129,26 +131,40 @@ def push_adapter(
     commit_message: Optional[str] = None,
     create_pr: bool = False,
     description: Optional[str] = None,
+    commit_description: Optional[str] = None,
+    tags: Optional[list[str]] = None,
 ):
-    """Upload an ESFT or PESC adapter (weights, ``adapter_config.json``, generated model card) to the Hub in one
-    commit.
+    """Upload an ESFT or PESC adapter (weights, ``adapter_config.json``, model card) to the Hub in one commit.
 
+    The card is the repo's own README.md when it has one (its text and tags kept) with esft-peft's generated section
+    refreshed, else esft-peft's card. ``model.push_to_hub(repo_id)`` calls this for ESFT and PESC adapters.
     Returns huggingface_hub's ``CommitInfo``.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
-        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], save_embedding_layers=False)
         source = Path(tmp) / adapter_name if adapter_name != "default" else Path(tmp)
-        write_model_card(peft_model, source, repo_id, adapter_name, description)
+        source.mkdir(parents=True, exist_ok=True)
+        try:
+            remote = api.hf_hub_download(repo_id, CARD_NAME, revision=revision, local_dir=Path(tmp) / ".remote")
+            (source / CARD_NAME).write_text(Path(remote).read_text(encoding="utf-8"), encoding="utf-8")
+        except (EntryNotFoundError, RepositoryNotFoundError):
+            pass
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], save_embedding_layers=False)
+        shutil.rmtree(Path(tmp) / ".remote", ignore_errors=True)
+        card = model_card_text(peft_model, repo_id, adapter_name, description)
+        if tags:
+            card = card.replace("tags:\n", "tags:\n" + "".join(f"- {tag}\n" for tag in tags), 1)
+        refresh_card(source / CARD_NAME, card)
         operations = [
             CommitOperationAdd(path_in_repo=path.relative_to(source).as_posix(), path_or_fileobj=str(path))
             for path in sorted(source.rglob("*")) if path.is_file()
         ]
         logger.info("Uploading %d files to %s", len(operations), repo_id)
         return api.create_commit(
-            repo_id, operations, revision=revision, create_pr=create_pr,
+            repo_id, operations, revision=revision, create_pr=create_pr, commit_description=commit_description,
             commit_message=commit_message or f"Upload {peft_model.peft_config[adapter_name].peft_type.value} adapter",
         )

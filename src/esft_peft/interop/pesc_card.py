@@ -8,6 +8,7 @@ from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 
 from ..tuners.pesc.config import PESCConfig
+from .card_section import card_section
 
 CARD_TAGS = ("pesc", "moe", "peft", "mixture-of-experts", "sparsity-crafting")
 
@@ -71,4 +72,4 @@ model = PeftModel.from_pretrained(base, "{repo_id or 'PATH_OR_REPO_ID'}")
 Routing depends on each token, so the adapter cannot be merged into the dense weights; `model.merge_lora()` folds
 only the LoRA part.
 """
-    return "\n".join(metadata) + body
+    return "\n".join(metadata) + card_section(body)
