@@ -15,7 +15,7 @@ message, or unpickle a ``.bin`` file.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -28,6 +28,16 @@ logger = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
 _WIDTH = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def check_base_model_type(recorded: Optional[str], model: nn.Module, method: str) -> None:
+    """A saved adapter's ``base_model_type`` must be the model's ``model_type`` (checked at injection, first)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if recorded is not None and model_type is not None and recorded != model_type:
+        raise ValueError(
+            f"This {method} adapter was created for a '{recorded}' model, but the base model is '{model_type}'. Load "
+            "it onto the base model it was trained on; no weights were loaded."
+        )
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -74,7 +84,7 @@ def check_loaded_tensors(
             f"{str(dtype).removeprefix('torch.')}); adapter weights are float tensors. The file is not an adapter of "
             "this kind, or was written wrongly; re-save it with save_pretrained."
         )
-    counts = {key: int((~torch.isfinite(tensor)).sum()) for key, tensor in remapped.items() if tensor.device.type != "meta"}
+    counts = {key: int((~torch.isfinite(tensor)).sum()) for key, tensor in remapped.items()}
     counts = {key: count for key, count in counts.items() if count}
     if counts:
         key, count = next(iter(counts.items()))

@@ -10,6 +10,7 @@ from torch import nn
 from ...moe.discovery import MoELayer, find_moe_layers, named_base_modules, parameter_modules
 from ...moe.layouts import ExpertsLayout
 from ...moe.layouts.base import unwrap
+from ..saved_checks import check_base_model_type
 from .config import ESFTConfig
 
 
@@ -67,12 +68,7 @@ def check_model_identity(config: ESFTConfig, model: nn.Module, layers: dict[str,
                 f"but this model has {layers[key].num_experts}. The scores were computed on another model; score this "
                 "model (`score_experts` / `esft-peft score`) and select again."
             )
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if config.base_model_type is not None and model_type is not None and config.base_model_type != model_type:
-        raise ValueError(
-            f"This ESFT adapter was created for a '{config.base_model_type}' model, but the base model is "
-            f"'{model_type}'. Load it onto the base model it was trained on."
-        )
+    check_base_model_type(config.base_model_type, model, "ESFT")
     recorded = config.base_layout or {}
     actual = base_layout(model, layers, [key for key in recorded if key in layers])
     for key, found in actual.items():
