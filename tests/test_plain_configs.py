@@ -132,3 +132,13 @@ def test_pesc_tensors_are_checked_in_the_load_hook(tmp_path):
     PESCConfig.from_pretrained(tmp_path)  # reads the header only
     with pytest.raises(CorruptAdapterError, match="NaN/inf"):
         PeftModel.from_pretrained(make_dense_model("llama"), tmp_path)
+
+
+def test_modules_to_save_tensors_pass_the_load_checks(tmp_path):
+    model = get_peft_model(make_model("qwen3_moe"), ESFTConfig(experts={0: [1]}, modules_to_save=["lm_head"],
+                                                               init_weights=False))
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_model("qwen3_moe"), tmp_path)
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
