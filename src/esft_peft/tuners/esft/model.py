@@ -34,15 +34,12 @@ class ESFTModel(SavedTensorChecks, BaseTuner):
         """Adapter name -> module name -> how the module is wrapped (validated against the model at injection)."""
         return self.__dict__.setdefault("_plans", {})
 
-    def _adapter_name_of(self, peft_config: ESFTConfig) -> str:
-        return next(name for name, config in self.peft_config.items() if config is peft_config)
-
     def _prepare_adapter_config(self, peft_config: ESFTConfig, model_config: dict) -> ESFTConfig:
-        self.plans[self._adapter_name_of(peft_config)] = plan_targets(self.model, peft_config)
+        self.plans[self._injecting] = plan_targets(self.model, peft_config)
         return peft_config
 
     def _check_target_module_exists(self, peft_config: ESFTConfig, key: str) -> bool:
-        return key in self.plans[self._adapter_name_of(peft_config)]
+        return key in self.plans[self._injecting]
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key) -> None:
         spec = self.plans[adapter_name][current_key]
@@ -65,11 +62,15 @@ class ESFTModel(SavedTensorChecks, BaseTuner):
         setattr(parent, child_name, new_module)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # peft's hooks receive the config, not the adapter name; one config object may serve several adapters.
+        self._injecting = adapter_name
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except BaseException:
             self.plans.pop(adapter_name, None)
             raise
+        finally:
+            del self._injecting
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
