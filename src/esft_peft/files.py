@@ -1,4 +1,4 @@
-"""Safe file handling: atomic writes and up-front checks of adapter weight files (safetensors only)."""
+"""Safe file handling: atomic writes and up-front checks of adapter weight files (safetensors only, header)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from typing import Any, Callable, Optional, Union
 
 
 PathLike = Union[str, os.PathLike]
-SAFETENSORS_FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 class CorruptAdapterError(ValueError):
@@ -172,16 +171,16 @@ def verify_safetensors(path: PathLike) -> dict[str, Any]:
     return header
 
 
-def check_adapter_weights(
-    model_id: PathLike, subfolder: Optional[str] = None, method: str = "ESFT", **hub_kwargs: Any
-) -> Optional[tuple[Path, dict[str, Any]]]:
-    """Refuse pickle-only adapters and check the safetensors weights of a local or Hub adapter before loading.
+def check_adapter_file(model_id: PathLike, subfolder: Optional[str] = None, method: str = "ESFT",
+                       **hub_kwargs: Any) -> Optional[tuple[Path, dict[str, Any]]]:
+    """Refuse what peft's loader cannot read safely: a pickle-only adapter, a truncated or unreadable safetensors file.
 
-    Every tensor must be floating point and finite. Returns ``(weights path, safetensors header)``, or None when
-    the directory has no weights file (peft reports that itself).
+    Reads the safetensors header only (the tensors are checked where peft holds them, see
+    ``esft_peft.tuners.saved_checks``). Returns ``(weights path, safetensors header)``, or None when the directory
+    has no weights file (peft reports that itself).
 
     Raises:
-        CorruptAdapterError: a pickle-only, truncated or unreadable file, integer tensors, or NaN/inf values.
+        CorruptAdapterError: a pickle-only, truncated or unreadable file.
     """
     from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME  # here: this leaf module never imports peft itself
 
@@ -206,37 +205,4 @@ def check_adapter_weights(
                 f"The Hub repo {model_id} has no {SAFETENSORS_WEIGHTS_NAME}; {method} adapters are loaded from safetensors "
                 "only."
             ) from None
-    header = verify_safetensors(weights)
-    _check_float_tensors(header, weights)
-    _check_finite(weights)
-    return weights, header
-
-
-def _check_float_tensors(header: dict[str, Any], path: Path) -> None:
-    bad = {key: value.get("dtype") for key, value in header.items()
-           if key != "__metadata__" and value.get("dtype") not in SAFETENSORS_FLOAT_DTYPES}
-    if bad:
-        key, dtype = next(iter(bad.items()))
-        raise CorruptAdapterError(
-            f"{path}: {len(bad)} tensor(s) are not floating point (e.g. {key} is {dtype}); adapter weights are float "
-            "tensors. The file is not an adapter of this kind, or was written wrongly; re-save it with save_pretrained."
-        )
-
-
-def _check_finite(path: Path) -> None:
-    import torch
-    from safetensors import safe_open
-
-    counts = {}
-    with safe_open(str(path), framework="pt") as handle:
-        for key in handle.keys():
-            bad = int((~torch.isfinite(handle.get_tensor(key))).sum())
-            if bad:
-                counts[key] = bad
-    if counts:
-        key, bad = next(iter(counts.items()))
-        raise CorruptAdapterError(
-            f"{path}: {sum(counts.values())} NaN/inf value(s) in {len(counts)} tensor(s) (e.g. {bad} in {key}). The "
-            "adapter's training diverged or the file is damaged; loading it would give NaN outputs. Retrain (lower "
-            "the learning rate) or use an earlier checkpoint."
-        )
+    return weights, verify_safetensors(weights)

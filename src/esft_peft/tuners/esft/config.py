@@ -16,11 +16,18 @@ from peft.utils import PeftType
 from ...moe.layer_keys import normalize_layer_key, sorted_layer_keys
 
 PEFT_TYPE_NAME = "ESFT"
-SAVED_HEADER_ATTRIBUTE = "_esft_saved_header"  # a loaded adapter's safetensors header (checked at injection)
-SCORED_COUNTS_ATTRIBUTE = "_esft_scored_num_experts"  # layer -> expert count of the model the selection was scored on
 EXPERT_CONFIG_KEYS = ("experts", "shared_experts", "non_expert_modules", "num_experts")
 EXPERT_CONFIG_EXAMPLE = '{"experts": {"1": [8, 26]}, "shared_experts": false, "non_expert_modules": false}'
 ExpertMap = dict[Union[int, str], list[int]]
+
+
+def normalize_counts(counts: Any, source: str = "`scored_num_experts`") -> dict[str, int]:
+    """Validate a layer -> expert count mapping (positive ints) and make the keys layer-key strings."""
+    if not isinstance(counts, dict) or not all(
+        hasattr(v, "__index__") and not isinstance(v, bool) and operator.index(v) > 0 for v in counts.values()
+    ):
+        raise ValueError(f"{source} must map layer -> expert count (positive integers), got {counts!r}.")
+    return {normalize_layer_key(key): operator.index(value) for key, value in counts.items()}
 
 
 def normalize_experts(experts: ExpertMap) -> dict[str, list[int]]:
@@ -65,6 +72,10 @@ class ESFTConfig(PeftConfig):
         base_model_type: ``model_type`` of the base the adapter was created on (filled at injection, checked on load).
         base_layout: Per listed layer, the expert count and per-expert parameter shapes of the base (filled at
             injection, checked on load so that an adapter for another base fails before weights are touched).
+        scored_num_experts: Per listed layer, the expert count of the model the selection was scored on (filled from
+            an ``ExpertSelection``, i.e. ``ExpertScores.select(...)``, or from the ``"num_experts"`` of an expert
+            config written by ``esft-peft select``; ``None`` when unknown). Checked at injection before the expert
+            ids, so that a selection scored on another model says so.
         target_modules: Not used by ESFT (modules follow from ``experts``); must stay ``None``.
         init_weights: peft's convention: ``True`` (default) starts every delta at zero, so the adapter model
             reproduces the base exactly; ``False`` draws random deltas (normal, with std equal to the RMS of the base
@@ -80,6 +91,9 @@ class ESFTConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "extra modules trained in full"})
     base_model_type: Optional[str] = field(default=None, metadata={"help": "filled at injection"})
     base_layout: Optional[dict[str, Any]] = field(default=None, metadata={"help": "filled at injection"})
+    scored_num_experts: Optional[dict[str, int]] = field(
+        default=None, metadata={"help": "layer -> expert count of the model the selection was scored on"}
+    )
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "unused by ESFT; keep None"})
     init_weights: bool = field(
         default=True, metadata={"help": "True: zero deltas (identity); False: random deltas, for tests"}
@@ -88,10 +102,11 @@ class ESFTConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType(PEFT_TYPE_NAME)
-        counts = getattr(self.experts, "num_experts", None)  # an ExpertScores selection records its model's counts
+        if self.scored_num_experts is None:  # an ExpertScores selection records its model's expert counts
+            self.scored_num_experts = getattr(self.experts, "num_experts", None) or None
+        if self.scored_num_experts is not None:
+            self.scored_num_experts = normalize_counts(self.scored_num_experts)
         self.experts = normalize_experts(self.experts)
-        if counts:
-            setattr(self, SCORED_COUNTS_ATTRIBUTE, {normalize_layer_key(k): int(v) for k, v in counts.items()})
         if not self.experts:
             raise ValueError("ESFTConfig needs at least one layer in `experts`, e.g. ESFTConfig(experts={1: [0, 3]}).")
         if self.target_modules is not None:
@@ -117,8 +132,8 @@ class ESFTConfig(PeftConfig):
         The format is ``{"experts": {"1": [8, 26], ...}, "shared_experts": false, "non_expert_modules": false}``
         (a path to such a JSON file or the dict itself). Layers with an empty list (how the authors' code marks
         untrained layers) are dropped. ``"num_experts"`` (written by ``esft-peft select``) records the expert
-        counts of the model the selection was scored on, checked at injection. Extra keyword arguments go to
-        ``ESFTConfig``.
+        counts of the model the selection was scored on (``scored_num_experts``, checked at injection). Extra
+        keyword arguments go to ``ESFTConfig``.
 
         Raises:
             ValueError: naming the file, for unreadable JSON, a wrong structure or non-boolean flags.
@@ -144,6 +159,9 @@ class ESFTConfig(PeftConfig):
         experts = {layer: ids for layer, ids in data["experts"].items() if not _is_empty_list(ids)}
         if not experts:
             raise ValueError(f"{source} selects no experts in any layer; select at least one expert.")
+        counts = data.get("num_experts")
+        if counts is not None:
+            kwargs.setdefault("scored_num_experts", normalize_counts(counts, f"{source}: 'num_experts'"))
         try:
             config = cls(
                 experts=experts,
@@ -154,11 +172,6 @@ class ESFTConfig(PeftConfig):
             )
         except ValueError as error:
             raise ValueError(f"{source}: {error}") from None
-        counts = data.get("num_experts")
-        if counts is not None:
-            if not isinstance(counts, dict) or not all(isinstance(v, int) and v > 0 for v in counts.values()):
-                raise ValueError(f"{source}: 'num_experts' must map layer -> expert count.")
-            setattr(config, SCORED_COUNTS_ATTRIBUTE, {normalize_layer_key(k): v for k, v in counts.items()})
         return config
 
     def to_expert_config(self) -> dict[str, Any]:
@@ -171,9 +184,8 @@ class ESFTConfig(PeftConfig):
             "shared_experts": self.train_shared_experts,
             "non_expert_modules": self.train_non_expert_modules,
         }
-        counts = getattr(self, SCORED_COUNTS_ATTRIBUTE, None)
-        if counts:
-            data["num_experts"] = dict(counts)
+        if self.scored_num_experts:
+            data["num_experts"] = dict(self.scored_num_experts)
         return data
 
     def save_expert_config(self, path: Union[str, os.PathLike]) -> None:
@@ -184,25 +196,24 @@ class ESFTConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
-        """Load ``adapter_config.json`` and check the adapter weights file (sound safetensors, float, finite).
+        """Load ``adapter_config.json``; refuse a weights file peft's loader cannot read safely (pickle only,
+        truncated, unreadable header: the header is read, no tensor is), and weights whose config has no base record.
 
-        The file's header is kept on the config, so the injection compares every tensor with the base model before
-        any weight is loaded.
+        The tensors themselves are checked against the model where peft holds them, before they are copied
+        (:mod:`esft_peft.tuners.saved_checks`).
         """
-        from ...files import check_adapter_weights
+        from ...files import check_adapter_file
 
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         hub_kwargs, _, _ = cls._split_kwargs(kwargs)
-        found = check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
-        if found is not None:
-            if not config.base_layout:
-                raise ValueError(
-                    f"{pretrained_model_name_or_path}: adapter_config.json has no `base_layout`, so the adapter cannot be "
-                    "checked against a base model. It was not written by esft-peft's save_pretrained (or the field was "
-                    "removed): re-save it with esft-peft, or import an official ESFT adapter with "
-                    "`esft-peft convert --from-official`."
-                )
-            setattr(config, SAVED_HEADER_ATTRIBUTE, found[1])
+        found = check_adapter_file(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        if found is not None and not config.base_layout:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: adapter_config.json has no `base_layout`, so the adapter cannot be "
+                "checked against a base model. It was not written by esft-peft's save_pretrained (or the field was "
+                "removed): re-save it with esft-peft, or import an official ESFT adapter with "
+                "`esft-peft convert --from-official`."
+            )
         return config
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:

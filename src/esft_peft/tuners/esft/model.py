@@ -11,34 +11,38 @@ from torch import nn
 
 from .config import ESFTConfig
 from .layer import ESFTLayer, ExpertsDeltaLayer, ModuleDeltaLayer
+from ..saved_checks import SavedTensorChecks
 from .mixed_batch import mixed_adapter_batch
-from .saved import check_saved_adapter
-from .targets import plan_targets
-
-PLAN_ATTRIBUTE = "_esft_plan"
+from .targets import Target, plan_targets
 
 
-class ESFTModel(BaseTuner):
+class ESFTModel(SavedTensorChecks, BaseTuner):
     """Creates an ESFT model: the selected routed experts (and optional extra modules) get trainable deltas.
 
-    Use it through peft: ``get_peft_model(model, ESFTConfig(experts={1: [8, 26]}))``.
+    Use it through peft: ``get_peft_model(model, ESFTConfig(experts={1: [8, 26]}))``. ``plans`` holds, per adapter,
+    the modules its injection wraps; a loaded adapter's tensors are checked in peft's load hook
+    (:class:`~esft_peft.tuners.saved_checks.SavedTensorChecks`).
     """
 
     prefix: str = "esft_"
     tuner_layer_cls = ESFTLayer
     target_module_mapping: dict[str, list[str]] = {}
+    base_record_fields = ("base_model_type", "base_layout")
+
+    @property
+    def plans(self) -> dict[str, dict[str, Target]]:
+        """Adapter name -> module name -> how the module is wrapped (validated against the model at injection)."""
+        return self.__dict__.setdefault("_plans", {})
 
     def _prepare_adapter_config(self, peft_config: ESFTConfig, model_config: dict) -> ESFTConfig:
-        plan = plan_targets(self.model, peft_config)
-        check_saved_adapter(self.model, peft_config, plan)
-        setattr(peft_config, PLAN_ATTRIBUTE, plan)
+        self.plans[self._injecting] = plan_targets(self.model, peft_config)
         return peft_config
 
     def _check_target_module_exists(self, peft_config: ESFTConfig, key: str) -> bool:
-        return key in getattr(peft_config, PLAN_ATTRIBUTE)
+        return key in self.plans[self._injecting]
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key) -> None:
-        spec = getattr(peft_config, PLAN_ATTRIBUTE)[current_key]
+        spec = self.plans[adapter_name][current_key]
         if isinstance(target, ESFTLayer):
             target.update_layer(adapter_name, list(spec.expert_ids), init_weights=peft_config.init_weights)
             return
@@ -56,6 +60,21 @@ class ESFTModel(BaseTuner):
         # Needed: peft's version copies `child.weight` onto the unwrapped module in unload()/merge_and_unload(),
         # and experts containers have no `.weight` (AttributeError). Deltas are created on the base's device.
         setattr(parent, child_name, new_module)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # peft's hooks receive the config, not the adapter name; one config object may serve several adapters.
+        self._injecting = adapter_name
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            self.plans.pop(adapter_name, None)
+            raise
+        finally:
+            del self._injecting
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.plans.pop(adapter_name, None)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:

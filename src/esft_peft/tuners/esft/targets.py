@@ -10,7 +10,8 @@ from torch import nn
 from ...moe.discovery import MoELayer, find_moe_layers, named_base_modules, parameter_modules
 from ...moe.layouts import ExpertsLayout
 from ...moe.layouts.base import unwrap
-from .config import SCORED_COUNTS_ATTRIBUTE, ESFTConfig
+from ..saved_checks import check_base_model_type
+from .config import ESFTConfig
 
 
 @dataclass(frozen=True)
@@ -27,13 +28,8 @@ def _layer_range(layers: dict[str, MoELayer]) -> str:
     return ", ".join(keys) if len(keys) <= 12 else f"{', '.join(keys[:6])}, ..., {', '.join(keys[-3:])}"
 
 
-def validate_selection(
-    experts: dict[str, list[int]], layers: dict[str, MoELayer], scored_counts: Optional[dict[str, int]] = None
-) -> None:
-    """ValueError naming the layer, the bad ids and the valid range for any selection the model cannot take.
-
-    ``scored_counts`` (layer -> expert count of the model the selection was scored on) must match the model.
-    """
+def validate_selection(experts: dict[str, list[int]], layers: dict[str, MoELayer]) -> None:
+    """ValueError naming the layer, the bad ids and the valid range for any selection the model cannot take."""
     for key, ids in experts.items():
         if key not in layers:
             raise ValueError(
@@ -44,13 +40,6 @@ def validate_selection(
         bad = [i for i in ids if not 0 <= i < count]
         if bad:
             raise ValueError(f"Layer {key}: expert ids {bad} are out of range; valid ids are 0..{count - 1}.")
-        scored = (scored_counts or {}).get(key)
-        if scored is not None and scored != count:
-            raise ValueError(
-                f"Layer {key}: the experts were selected from scores of a model with {scored} experts in this layer, "
-                f"but this model has {count}. The scores were computed on another model; score this model "
-                "(`score_experts` / `esft-peft score`) and select again."
-            )
 
 
 def base_layout(model: nn.Module, layers: dict[str, MoELayer], keys: list[str]) -> dict[str, dict]:
@@ -66,21 +55,25 @@ def base_layout(model: nn.Module, layers: dict[str, MoELayer], keys: list[str]) 
     }
 
 
-def check_base_compatibility(config: ESFTConfig, model: nn.Module, layers: dict[str, MoELayer]) -> None:
-    """Record the base's identity in the config, or, when already recorded (a loaded adapter), check it matches."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    actual = base_layout(model, layers, list(config.experts))
-    if config.base_model_type is None and config.base_layout is None:
-        config.base_model_type, config.base_layout = model_type, actual
-        return
-    if config.base_model_type is not None and model_type is not None and config.base_model_type != model_type:
-        raise ValueError(
-            f"This ESFT adapter was created for a '{config.base_model_type}' model, but the base model is "
-            f"'{model_type}'. Load it onto the base model it was trained on."
-        )
-    for key, expected in (config.base_layout or {}).items():
-        found = actual.get(key)
-        if found is not None and expected.get("kind") != found["kind"]:
+def check_model_identity(config: ESFTConfig, model: nn.Module, layers: dict[str, MoELayer]) -> None:
+    """The config's record of the model it was made for must match ``model``.
+
+    Runs before the expert ids are checked, so that a selection scored on another model (``scored_num_experts``) or
+    an adapter for another base (``base_model_type``, ``base_layout``) says so, instead of "ids out of range".
+    """
+    for key, scored in (config.scored_num_experts or {}).items():
+        if key in layers and scored != layers[key].num_experts:
+            raise ValueError(
+                f"Layer {key}: the experts were selected from scores of a model with {scored} experts in this layer, "
+                f"but this model has {layers[key].num_experts}. The scores were computed on another model; score this "
+                "model (`score_experts` / `esft-peft score`) and select again."
+            )
+    check_base_model_type(config.base_model_type, model, "ESFT")
+    recorded = config.base_layout or {}
+    actual = base_layout(model, layers, [key for key in recorded if key in layers])
+    for key, found in actual.items():
+        expected = recorded[key]
+        if expected.get("kind") != found["kind"]:
             raise ValueError(
                 f"Layer {key}: the adapter was trained on a base whose experts are stored as "
                 f"{_LAYOUT_NAMES.get(expected.get('kind'), expected.get('kind'))}, but this base stores them as "
@@ -91,10 +84,17 @@ def check_base_compatibility(config: ESFTConfig, model: nn.Module, layers: dict[
             )
         if found != expected:
             raise ValueError(
-                f"Layer {key}: the adapter expects {expected['num_experts']} experts with per-expert shapes "
-                f"{expected['expert_shapes']}, but the base model has {found['num_experts']} experts with shapes "
+                f"Layer {key}: the adapter expects {expected.get('num_experts')} experts with per-expert shapes "
+                f"{expected.get('expert_shapes')}, but the base model has {found['num_experts']} experts with shapes "
                 f"{found['expert_shapes']}. The adapter belongs to another base model; no weights were loaded."
             )
+
+
+def record_base(config: ESFTConfig, model: nn.Module, layers: dict[str, MoELayer]) -> None:
+    """Fill ``base_model_type`` and ``base_layout`` of a new config (a loaded adapter's record is kept)."""
+    if config.base_model_type is None and config.base_layout is None:
+        config.base_model_type = getattr(getattr(model, "config", None), "model_type", None)
+        config.base_layout = base_layout(model, layers, list(config.experts))
 
 
 _LAYOUT_NAMES = {
@@ -142,10 +142,12 @@ def _check_not_nested(plan: dict[str, Target]) -> None:
 
 
 def plan_targets(model: nn.Module, config: ESFTConfig) -> dict[str, Target]:
-    """Module name -> what to wrap it with, for one adapter config. Validates before anything is touched."""
+    """Module name -> what to wrap it with, for one adapter config. Validates before anything is touched: the model's
+    identity first, then the selection."""
     layers = find_moe_layers(model)
-    validate_selection(config.experts, layers, getattr(config, SCORED_COUNTS_ATTRIBUTE, None))
-    check_base_compatibility(config, model, layers)
+    check_model_identity(config, model, layers)
+    validate_selection(config.experts, layers)
+    record_base(config, model, layers)
     plan: dict[str, Target] = {}
     for key, ids in config.experts.items():
         layer = layers[key]

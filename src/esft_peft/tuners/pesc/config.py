@@ -125,14 +125,16 @@ class PESCConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
-        """Load ``adapter_config.json``, check that the weights are a sound safetensors file whose tensor shapes
-        match the config (expert count, adapter size), before any model is touched."""
-        from ...files import check_adapter_weights
+        """Load ``adapter_config.json``; refuse a weights file peft's loader cannot read safely (pickle only,
+        truncated, unreadable header) and tensor shapes the config contradicts (expert count, adapter size), from
+        the safetensors header alone (no tensor is read; the tensors are checked where peft holds them, see
+        :mod:`esft_peft.tuners.saved_checks`)."""
+        from ...files import check_adapter_file
         from .weights import check_checkpoint_shapes
 
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         hub_kwargs, _, _ = cls._split_kwargs(kwargs)
-        found = check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, method="PESC", **hub_kwargs)
+        found = check_adapter_file(pretrained_model_name_or_path, subfolder=subfolder, method="PESC", **hub_kwargs)
         if found is not None:
             check_checkpoint_shapes(config, found[1])
         return config
