@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 from esft_peft import ESFTConfig, PESCConfig
 from esft_peft.files import CorruptAdapterError
 from esft_peft.scoring.scores import ExpertSelection
-from esft_peft.tuners.saved_checks import SavedTensorChecks
 from esft_helpers import logits
 from pesc_helpers import crafted
 from tiny_dense import make_dense_model
@@ -121,10 +120,6 @@ def test_a_failed_load_adapter_leaves_the_model_as_it_was(tmp_path):
     assert set(model.peft_config) == {"default", "other"}
 
 
-@pytest.mark.xfail(
-    not issubclass(__import__("esft_peft").tuners.pesc.model.PESCModel, SavedTensorChecks),
-    reason="PESCModel takes SavedTensorChecks as a base class when the PESC rework is merged", strict=True,
-)
 def test_pesc_tensors_are_checked_in_the_load_hook(tmp_path):
     model, _ = crafted("llama")
     model.save_pretrained(tmp_path)

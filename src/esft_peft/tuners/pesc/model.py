@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, get_device_map
 from peft.utils import _get_submodules
 from torch import nn
 
+from ..saved_checks import SavedTensorChecks
 from .config import ALL_LINEAR, PESCConfig
 from .layer import PESCLayer, require_grouped_mm
 from .loss import attach_aux_loss, detach_aux_loss, router_aux_loss
@@ -35,7 +36,7 @@ def lora_config_of(config: PESCConfig) -> LoraConfig:
     )
 
 
-class PESCModel(BaseTuner):
+class PESCModel(SavedTensorChecks, BaseTuner):
     """Creates a PESC model: each upcycled MLP gets a router and adapter experts; optionally, LoRA on the dense
     linears. Use it through peft: ``get_peft_model(model, PESCConfig(num_experts=8, top_k=2, adapter_dim=64))``.
     """
