@@ -171,7 +171,7 @@ def bench_tokens(args: argparse.Namespace, tokens: int, device: torch.device, dt
     return {"tokens": tokens, "cases": results}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="qwen3_moe", choices=("qwen3_moe", "deepseek_v2"))
     parser.add_argument("--experts", type=int, default=64)
@@ -187,7 +187,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the figures to OUT (JSON)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     runs = [bench_tokens(args, tokens, device, dtype) for tokens in args.tokens]
     if args.json:
