@@ -3,7 +3,7 @@
     python benchmarks/compare_methods.py [--layers 4 --steps 20 --device cpu] [--esft-experts 6]
     python benchmarks/compare_methods.py --esft-experts 1 3 6 12 24 64   # ESFT cost against the selection size
     python benchmarks/compare_methods.py --device cuda --dtype bfloat16 --hidden 2048 --intermediate 10944 \
-        --moe-intermediate 1408 --attention lite --vocab 32000 --seq-len 1024 --no-save --json OUT   # real widths, a few layers
+        --moe-intermediate 1408 --attention lite --vocab 32000 --seq-len 1024 --no-save --json OUT
 
 The model is DeepSeek-V2-Lite-shaped (64 routed + 2 shared experts, top-6, first layer dense) scaled down to run
 on CPU. Each method runs in its own subprocess so that its peak memory is its own: on CPU the peak RSS, in total
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-save", action="store_true", help="skip save_pretrained and merge_and_unload")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the figures to OUT (JSON)")
     parser.add_argument("--in-process", action="store_true",
-                        help="run the methods one after another in this process (faster start; on CPU no memory figure)")
+                        help="run the methods one after another in this process (faster; on CPU no memory figure)")
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.method:

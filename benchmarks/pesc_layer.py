@@ -134,7 +134,8 @@ def bench_width(args: argparse.Namespace, adapter_dim: int, x: torch.Tensor, gra
               f"(PESC {median['loop'] / median['PESC']:.2f}x faster)")
         runs.append({"experts": experts, "adapter_dim": adapter_dim, "tokens": args.tokens,
                      **{f"{name}_ms": 1000 * value for name, value in median.items()},
-                     "pesc_x_frozen": median["PESC"] / median["frozen"], "loop_x_pesc": median["loop"] / median["PESC"]})
+                     "pesc_x_frozen": median["PESC"] / median["frozen"],
+                     "loop_x_pesc": median["loop"] / median["PESC"]})
     return runs
 
 
