@@ -39,7 +39,7 @@ ATTENTION = {  # MLA widths: scaled down, or DeepSeek-V2-Lite's
 }
 
 
-def build_model(args: argparse.Namespace):
+def build_model(args: argparse.Namespace, device: torch.device):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
@@ -51,7 +51,8 @@ def build_model(args: argparse.Namespace):
         n_group=1, topk_group=1, **ATTENTION[args.attention],
     )
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+    with device:  # initialised where it runs (fast on a GPU)
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
 
 
 def directory_bytes(path: Path) -> int:
@@ -76,7 +77,7 @@ def run_method(method: str, args: argparse.Namespace, device: torch.device, esft
     baseline_rss = current_rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = build_model(args).to(device)
+    model = build_model(args, device)
     shape = (args.batch_size, args.seq_len)
     ids = torch.randint(0, args.vocab, shape, generator=torch.Generator().manual_seed(1)).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -194,6 +195,8 @@ def markdown_table(results: dict[str, dict]) -> str:
     floor, floor_moe, fft = results["floor"], results["floor_moe"], results["fft"]
     cpu = "peak_rss_mib" in fft
     memory = "peak RSS (MiB) | above baseline (MiB)" if cpu else "max allocated (MiB)"
+    if "peak_mib" not in fft:
+        memory = "memory (not measured: --in-process on CPU)"
     rows = [
         f"| method | share of routed pairs | trainable params | step (s) | x floor | x floor from MoE | x FFT | "
         f"{memory} | x FFT | optimizer state (MiB) | saved (MiB) | x FFT | merge (s) |",

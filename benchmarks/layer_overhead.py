@@ -5,15 +5,15 @@
                                         [--json OUT]
 
 A Qwen3-MoE experts layer (``--family deepseek_v2``: DeepSeek-V2's, the same computation). "frozen" is the base
-layer with only its input requiring grad (the backward every method pays); "full FT" also computes the gradients
-of every expert weight; "ESFT" wraps it with deltas for the experts chosen as top-p selection would on a real task:
-the most-used experts, until they hold ``--share`` of the routed (token, slot) pairs (routing is skewed by a random
-per-expert popularity, as in trained models). ``--all-experts`` adds ESFT with all experts selected, against full FT. Methods are timed in interleaved rounds (median), so that a
-noisy machine slows them alike. Every case is built through the public API (``get_peft_model`` with an
-``ESFTConfig``) on its own copy of the same seeded model, and called as the MoE block calls its experts module.
-Besides time, each case reports the bytes it saves for backward (distinct storages, the model's weights excluded)
-and, on CUDA, the peak memory of one step above what was allocated before it (``torch.cuda.max_memory_allocated``).
-``--json OUT`` also writes every figure to OUT.
+layer with only its input requiring grad (the backward every method pays); "full FT" also computes the gradients of
+every expert weight; "ESFT" wraps it with deltas for the experts chosen as top-p selection would on a real task: the
+most-used experts, until they hold ``--share`` of the routed (token, slot) pairs (routing is skewed by a random
+per-expert popularity, as in trained models). ``--all-experts`` adds ESFT with all experts selected, against full
+FT. Methods are timed in interleaved rounds (median), so that a noisy machine slows them alike. Every case is built
+through the public API (``get_peft_model`` with an ``ESFTConfig``) on its own copy of the same seeded model, and
+called as the MoE block calls its experts module. Besides time, each case reports the bytes it saves for backward
+(distinct storages, the model's weights excluded) and, on CUDA, the peak memory of one step above what was allocated
+before it (``torch.cuda.max_memory_allocated``). ``--json OUT`` also writes every figure to OUT.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         shapes.update(num_experts=args.experts, head_dim=args.hidden // 4)
     torch.manual_seed(0)
     config = AutoConfig.for_model(args.family, **shapes)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).requires_grad_(False)
+    with device:  # initialised where it runs (fast on a GPU)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).requires_grad_(False)
     model.set_experts_implementation(args.implementation)
     return model
 
