@@ -86,10 +86,12 @@ def summary(results: dict) -> str:
     for run in sections["layer"]["runs"]:
         cases = run["cases"]
         share = next(name for name in cases if name.startswith("ESFT") and name != "ESFT all")
+        peaks = ", ".join(f"{name} {case['step_peak_mib']:.0f} MiB" for name, case in cases.items()
+                          if "step_peak_mib" in case)
         lines.append(f"layer, {run['tokens']} tokens: frozen {cases['frozen']['ms']:.2f} ms, {share} "
                      f"{cases[share]['x_frozen']:.2f}x frozen, ESFT all {cases['ESFT all']['x_full_ft']:.2f}x full FT; "
-                     f"saved for backward {share} {cases[share]['saved_mib']:.1f} MiB vs frozen "
-                     f"{cases['frozen']['saved_mib']:.1f} MiB")
+                     f"saved for backward {share} {cases[share]['saved_mib']:.3g} MiB vs frozen "
+                     f"{cases['frozen']['saved_mib']:.3g} MiB" + (f"; step peak: {peaks}" if peaks else ""))
     methods = sections["whole_model"]["methods"]
     lines.append("whole model step: " + ", ".join(
         f"{name} {r['step_s']:.3f} s" + (f" / {r['peak_mib']:.0f} MiB" if "peak_mib" in r else "")
