@@ -1,6 +1,6 @@
 """Driver of ``benchmarks/gpu.sh``: runs the four benchmark scripts with the GPU run's shapes, merges their JSON.
 
-    python benchmarks/gpu_run.py OUT [--cpu-smoke]
+    python benchmarks/gpu_run.py OUT [--cpu-smoke] [--only layer pesc ...]
 
 Sections (each the named script's ``main`` with the arguments in ``SECTIONS``, in this process):
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import importlib.util
 import json
 import sys
@@ -83,7 +84,7 @@ def versions() -> dict[str, str]:
 
 def summary(results: dict) -> str:
     sections, lines = results["sections"], [f"GPU run ({results['mode']}) on {results['device']}"]
-    for run in sections["layer"]["runs"]:
+    for run in sections.get("layer", {}).get("runs", []):
         cases = run["cases"]
         share = next(name for name in cases if name.startswith("ESFT") and name != "ESFT all")
         peaks = ", ".join(f"{name} {case['step_peak_mib']:.0f} MiB" for name, case in cases.items()
@@ -92,14 +93,16 @@ def summary(results: dict) -> str:
                      f"{cases[share]['x_frozen']:.2f}x frozen, ESFT all {cases['ESFT all']['x_full_ft']:.2f}x full FT; "
                      f"saved for backward {share} {cases[share]['saved_mib']:.3g} MiB vs frozen "
                      f"{cases['frozen']['saved_mib']:.3g} MiB" + (f"; step peak: {peaks}" if peaks else ""))
-    methods = sections["whole_model"]["methods"]
-    lines.append("whole model step: " + ", ".join(
-        f"{name} {r['step_s']:.3f} s" + (f" / {r['peak_mib']:.0f} MiB" if "peak_mib" in r else "")
-        for name, r in methods.items()))
-    lines.append("PESC layer: " + ", ".join(
-        f"E={r['experts']} d={r['adapter_dim']} {r['pesc_x_frozen']:.2f}x frozen" for r in sections["pesc"]["runs"]))
-    lines.append("scoring: " + ", ".join(f"{name} {r['scoring_tok_s']:,.0f} tok/s ({r['ratio']:.2f}x plain)"
-                                         for name, r in sections["scoring"]["models"].items()))
+    if "whole_model" in sections:
+        lines.append("whole model step: " + ", ".join(
+            f"{name} {r['step_s']:.3f} s" + (f" / {r['peak_mib']:.0f} MiB" if "peak_mib" in r else "")
+            for name, r in sections["whole_model"]["methods"].items()))
+    if "pesc" in sections:
+        lines.append("PESC layer: " + ", ".join(
+            f"E={r['experts']} d={r['adapter_dim']} {r['pesc_x_frozen']:.2f}x frozen" for r in sections["pesc"]["runs"]))
+    if "scoring" in sections:
+        lines.append("scoring: " + ", ".join(f"{name} {r['scoring_tok_s']:,.0f} tok/s ({r['ratio']:.2f}x plain)"
+                                             for name, r in sections["scoring"]["models"].items()))
     return "\n".join(lines)
 
 
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="results file (.json) or a folder for it")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, fp32, on CPU (checks the pipeline)")
+    parser.add_argument("--only", nargs="+", choices=tuple(GPU), help="run only these sections")
     args = parser.parse_args(argv)
     mode = "cpu-smoke" if args.cpu_smoke else "gpu"
     if mode == "gpu" and not torch.cuda.is_available():
@@ -122,12 +126,15 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as parts:
         for section, (script, options) in plan.items():
+            if args.only and section not in args.only:
+                continue
             part = Path(parts) / f"{section}.json"
             argv_ = [*options, "--json", str(part)]
             results["commands"][section] = ["python", f"benchmarks/{script}.py", *options]
             print(f"\n== {section}: python benchmarks/{script}.py {' '.join(options)}", flush=True)
             load_script(script).main(argv_)
             results["sections"][section] = json.loads(part.read_text())
+            gc.collect()
             if mode == "gpu":
                 torch.cuda.empty_cache()
     results["seconds"] = time.perf_counter() - start
