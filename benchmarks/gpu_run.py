@@ -98,8 +98,9 @@ def summary(results: dict) -> str:
             f"{name} {r['step_s']:.3f} s" + (f" / {r['peak_mib']:.0f} MiB" if "peak_mib" in r else "")
             for name, r in sections["whole_model"]["methods"].items()))
     if "pesc" in sections:
+        runs = sections["pesc"]["runs"]
         lines.append("PESC layer: " + ", ".join(
-            f"E={r['experts']} d={r['adapter_dim']} {r['pesc_x_frozen']:.2f}x frozen" for r in sections["pesc"]["runs"]))
+            f"E={r['experts']} d={r['adapter_dim']} {r['pesc_x_frozen']:.2f}x frozen" for r in runs))
     if "scoring" in sections:
         lines.append("scoring: " + ", ".join(f"{name} {r['scoring_tok_s']:,.0f} tok/s ({r['ratio']:.2f}x plain)"
                                              for name, r in sections["scoring"]["models"].items()))
