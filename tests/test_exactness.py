@@ -17,13 +17,12 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from esft_peft import ESFTConfig, find_moe_layers
-from esft_helpers import logits, reload_in_fresh_process, selection, state_copy, train_steps
+from esft_helpers import CPU_TAIL_ATOL, logits, reload_in_fresh_process, selection, state_copy, train_steps
 from tiny_families import FAMILIES, make_model
 
 IMPLEMENTATIONS = ("grouped_mm", "eager", "batched_mm")
 EXACT = ("grouped_mm", "batched_mm")
 ROUNDING = 1e-6  # fp32 logits, eager's expert-order sums against the slot-order sums
-CPU_TAIL = {"gpt_oss": 5e-8}  # fp32 logits: CPU's scalar tail of a vectorized sigmoid (see above)
 FUSED = [f for f in FAMILIES if {layer.kind for layer in find_moe_layers(make_model(f)).values()} == {"fused"}]
 
 
@@ -34,10 +33,10 @@ def model_with(family: str, implementation: str):
 
 
 def assert_matches(actual: torch.Tensor, expected: torch.Tensor, implementation: str, family: str) -> None:
-    if implementation in EXACT and family not in CPU_TAIL:
+    if implementation in EXACT and family not in CPU_TAIL_ATOL:
         assert torch.equal(actual, expected)
     else:
-        atol = CPU_TAIL[family] if implementation in EXACT else ROUNDING
+        atol = CPU_TAIL_ATOL[family] if implementation in EXACT else ROUNDING
         torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
 
 
