@@ -207,7 +207,6 @@ class FusedExperts(ExpertsLayout):
         num_tokens, num_top_k = hidden.size(0), top_k_index.size(-1)
         device = hidden.device
         experts = top_k_index.reshape(-1)
-        weights = top_k_weights.reshape(-1, 1)
 
         # Which pairs each call computes, and in which order they are fed: grouped_mm sorts a call's pairs by expert
         # (an unstable sort) and a GEMM row's rounding depends on its position in its expert's group, so each call
@@ -225,15 +224,18 @@ class FusedExperts(ExpertsLayout):
         chosen = chosen[torch.sort(keys[chosen], stable=True).indices]  # grouped by selected row j
         order = torch.cat([_fed(chosen, keys), _fed(frozen, keys)])
         rows = _PairRows.apply(hidden, order, num_top_k)
-        weights = weights.index_select(0, order)
         keys = keys.index_select(0, order).unsqueeze(-1)
+        # Each call weighs its pairs by one; the routing weights are applied below, on the pair outputs as the call
+        # returns them (its dtype: it rounds to the hidden dtype), with the base's own product and dtype promotion.
+        ones = hidden.new_ones(order.numel(), 1)
         parts = []
         if selected:
-            args = (rows[:selected], keys[:selected], weights[:selected])
+            args = (rows[:selected], keys[:selected], ones[:selected])
             parts.append(_call_selected(target, ids, deltas, args))
         if selected < order.numel():
-            parts.append(target(rows[selected:], keys[selected:], weights[selected:]))
+            parts.append(target(rows[selected:], keys[selected:], ones[selected:]))
         out = permute_rows(torch.cat(parts) if len(parts) > 1 else parts[0], inverse_permutation(order), order)
+        out = out * top_k_weights.reshape(-1, 1)
         out = out.view(num_tokens, num_top_k, -1).sum(dim=1)  # as the implementations sum a token's slots
         if not selected and torch.is_grad_enabled():  # no pair reached a selected expert: zero gradients, not none
             out = out + sum(delta.sum() * 0 for delta in deltas.values())
