@@ -5,15 +5,16 @@ gpt-oss, granite-moe, jamba, phimoe, ernie, hunyuan and about 60 more families).
 ESFT computes these experts through the module itself, so through transformers' experts interface
 (``ALL_EXPERTS_FUNCTIONS``, whichever implementation ``set_experts_implementation`` chose: eager, batched_mm,
 grouped_mm or one registered later). The (token, slot) pairs are split in two calls of the module, each with one
-slot per row (``top_k = 1``), so the implementation returns one weighted output per pair:
+slot per row (``top_k = 1``, routing weight 1), so the implementation returns one output per pair:
 
 - the pairs routed to frozen experts, with the module as it is;
 - the pairs routed to selected experts, with the module's per-expert tensors shadowed by the ``k`` selected rows,
   ``W[e] + delta[e]`` (the ids renumbered ``0..k-1``).
 
-The pair outputs are put back in pair order and summed over the ``K`` slots as the implementations sum them
-(``view(T, K, H).sum(dim=1)``), so under grouped_mm and batched_mm a zero delta reproduces the base bit for bit.
-The formed ``W + delta`` is not kept for backward: it is formed again there (:class:`FormedWeights`).
+The pair outputs are put back in pair order, weighted and summed over the ``K`` slots as the implementations do
+(``(out * w).view(T, K, H).sum(dim=1)``), so under grouped_mm and batched_mm a zero delta reproduces the base bit
+for bit (on CPU, except where an elementwise step runs on a whole contiguous tensor: docs/concepts.md). The formed
+``W + delta`` is not kept for backward: it is formed again there (:class:`FormedWeights`).
 """
 
 from __future__ import annotations

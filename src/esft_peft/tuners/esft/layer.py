@@ -159,7 +159,7 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
     """Wraps an experts container; holds one delta row per *selected* expert (zeros unless ``init_weights=False``).
 
     ``esft_delta[adapter][param]`` has shape ``(len(ids), *per_expert_shape)``; row ``j`` belongs to expert
-    ``esft_expert_ids[adapter][j]``. The layout's route-split forward computes the pairs routed to selected experts
+    ``esft_expert_ids[adapter][j]``. The layout's route-split compute runs the pairs routed to selected experts
     once with ``W[e] + delta[e]`` and every other pair with the frozen ``W``, so cost and memory follow the selection.
     """
 
