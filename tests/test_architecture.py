@@ -107,12 +107,24 @@ def test_one_layout_class_per_kind_and_every_family_detected():
     assert all(len(layouts) == 1 for layouts in found.values()), found
 
 
-def test_missing_private_transformers_api_is_a_clear_error(monkeypatch):
-    import esft_peft.moe.layouts.fused as fused
+def test_no_private_transformers_api_is_used():
+    """ESFT computes fused experts through the experts module itself (transformers' experts interface). (PESC's own
+    adapter experts, outside this check, use transformers' grouped matmul.)"""
+    private = []
+    for path in PACKAGE.rglob("*.py"):
+        if "pesc" in path.relative_to(PACKAGE).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("transformers"):
+                private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert not private, private
 
-    monkeypatch.setattr(fused, "_grouped_linear", None)
-    with pytest.raises(UnsupportedLayoutError, match="qwen3_moe model.*_grouped_linear"):
-        get_peft_model(make_model("qwen3_moe"), ESFTConfig(experts={0: [1]}))
+
+def test_experts_whose_num_experts_disagrees_with_their_weights_are_refused():
+    model = make_model("qwen3_moe")
+    model.model.layers[0].mlp.experts.num_experts = 3
+    with pytest.raises(UnsupportedLayoutError, match="num_experts is 3, not the 8 experts"):
+        get_peft_model(model, ESFTConfig(experts={0: [1]}))
 
 
 def test_import_works_without_the_private_api():

@@ -1,5 +1,5 @@
-"""Cost follows the selection: nothing expert-sized is held for backward beyond the selected experts' W + delta,
-gradients only for selected rows."""
+"""Cost follows the selection: nothing expert-sized is held for backward (not even the selected experts' W + delta,
+formed again in backward), gradients only for selected rows."""
 
 import torch
 from peft import get_peft_model
@@ -38,12 +38,11 @@ def test_wrapped_layer_saves_no_expert_sized_copy():
     activations = {ptr: size for ptr, size in saved.items() if ptr not in param_ptrs}
     # parametrize-style injection would save W + delta for all experts (== fused_bytes); here nothing comes close.
     assert activations and max(activations.values()) < 0.25 * fused_bytes, (max(activations.values()), fused_bytes)
-    # Beyond the frozen layer's own saved activations: the 3 selected experts' W + delta and a few index tensors
-    # (measured: 821,388 bytes against 665,728, of which 147,456 are W + delta).
-    selected_bytes = 3 * fused_bytes // 32
-    assert sum(activations.values()) - frozen_bytes <= selected_bytes + 16 * 1024
-    assert {98304, 49152} <= set(activations.values())  # W + delta of gate_up (3, 128, 64) and down (3, 64, 64)
-
+    # The selected experts' W + delta (3 experts: 98,304 bytes for gate_up, 49,152 for down) is not saved: backward
+    # forms it again. What is saved stays within the frozen layer's own activations plus a few index tensors
+    # (measured: 432,780 bytes against 665,728; the per-pair calls save their inputs at the rows they compute).
+    assert not {98304, 49152} & set(activations.values())
+    assert sum(activations.values()) <= frozen_bytes + 16 * 1024
     out.sum().backward()
     deltas = dict(wrapped.esft_delta["default"].items())
     assert deltas["gate_up_proj"].grad.shape == (3, 128, 64)

@@ -5,7 +5,7 @@ A layout class answers, for the modules of its family:
 - detection (:meth:`ExpertsLayout.detect`) and where the experts, block and wrapped modules are;
 - per-expert views of the base weights (:meth:`ExpertsLayout.expert_views`);
 - how to read the routing decision the experts receive (:meth:`ExpertsLayout.watch_routing`);
-- the route-split forward with deltas (:meth:`ExpertsLayout.forward`): the (token, slot) pairs routed to selected
+- the route-split compute with deltas (:meth:`ExpertsLayout.compute`): the (token, slot) pairs routed to selected
   experts are computed once with ``W[e] + delta[e]``, all other pairs with the frozen ``W``;
 - the official ESFT projection names (:meth:`ExpertsLayout.official_projections`).
 
@@ -161,6 +161,16 @@ class ExpertsLayout(ABC):
     @abstractmethod
     def forward(self, target: nn.Module, ids: list[int], deltas: Deltas, args: tuple, kwargs: dict) -> Any:
         """The output of ``target(*args, **kwargs)`` computed with ``W[e] + delta`` for the selected experts ``ids``."""
+
+    def compute(self, target: nn.Module, ids: list[int], deltas: Deltas, args: tuple, kwargs: dict) -> Any:
+        """Call ``target`` with ``W[e] + delta`` for the selected experts ``ids``. Here (families outside
+        transformers' experts interface) the module is called, so that hooks managing its weights run (DeepSpeed
+        ZeRO-3's gather), with :meth:`forward` in place of its own forward for that call."""
+        vars(target)["forward"] = lambda *a, **kw: self.forward(target, ids, deltas, a, kw)
+        try:
+            return target(*args, **kwargs)
+        finally:
+            vars(target).pop("forward", None)
 
     # ------------------------------------------------------------------------------------------------ routing
 

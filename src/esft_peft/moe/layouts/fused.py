@@ -2,16 +2,24 @@
 ``experts(hidden[T, H], top_k_index[T, K], top_k_weights[T, K])`` (qwen2/3-moe, deepseek-v2/v3, mixtral, olmoe,
 gpt-oss, granite-moe, jamba, phimoe, ernie, hunyuan and about 60 more families).
 
-The route-split forward follows transformers' ``grouped_mm_experts_forward`` step by step, with one change: the
-(token, slot) pairs are sorted so that those routed to selected experts come first, and each projection runs as two
-grouped matmuls over that one order, the selected groups with ``W[e] + delta[e]`` and the rest with the frozen
-``W``. Layout flags (transposed, gate or not, biases, post-expert norm) and the module's own ``_apply_gate`` and
-``act_fn`` are used as they are, so gpt-oss (interleaved, clamped, with biases) needs no special case.
+ESFT computes these experts through the module itself, so through transformers' experts interface
+(``ALL_EXPERTS_FUNCTIONS``, whichever implementation ``set_experts_implementation`` chose: eager, batched_mm,
+grouped_mm or one registered later). The (token, slot) pairs are split in two calls of the module, each with one
+slot per row (``top_k = 1``, routing weight 1), so the implementation returns one output per pair:
+
+- the pairs routed to frozen experts, with the module as it is;
+- the pairs routed to selected experts, with the module's per-expert tensors shadowed by the ``k`` selected rows,
+  ``W[e] + delta[e]`` (the ids renumbered ``0..k-1``).
+
+The pair outputs are put back in pair order, weighted and summed over the ``K`` slots as the implementations do
+(``(out * w).view(T, K, H).sum(dim=1)``), so under grouped_mm and batched_mm a zero delta reproduces the base bit
+for bit (on CPU, except where an elementwise step runs on a whole contiguous tensor: docs/concepts.md). The formed
+``W + delta`` is not kept for backward: it is formed again there (:class:`FormedWeights`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -34,10 +42,128 @@ from .base import (
     with_delta,
 )
 
-try:  # private transformers API; guarded so that `import esft_peft` never fails on it
-    from transformers.integrations.moe import _grouped_linear
-except ImportError:  # pragma: no cover - depends on the installed transformers
-    _grouped_linear = None
+
+class FormedWeights:
+    """The selected experts' tensors for one call (``W[ids] + delta`` where a delta is trained, ``t[ids]`` for the
+    other per-expert tensors), formed after the module's pre-forward hooks (so after a ZeRO-3 gather).
+
+    While :meth:`saving` is active, autograd saves a reference to how a formed tensor was made instead of the
+    tensor; backward forms it again (once per call, reused by every node that saved it). The sum is cheap next to
+    the matmuls that use it, and the forward keeps no copy of selected experts' weights for backward.
+    """
+
+    def __init__(self, base: dict[str, torch.Tensor], ids: list[int], deltas: Deltas) -> None:
+        self.base, self.ids, self.deltas = base, ids, deltas
+        self._storages: dict[int, str] = {}
+        self._again: dict[str, torch.Tensor] = {}
+
+    def _form(self, name: str) -> torch.Tensor:
+        rows = expert_rows(self.base[name], self.ids)
+        return with_delta(rows, self.deltas[name]) if name in self.deltas else rows
+
+    def form(self) -> dict[str, torch.Tensor]:
+        """The tensors for the call (not kept here: only the call holds them)."""
+        formed = {name: self._form(name) for name in self.base}
+        self._storages = {t.untyped_storage().data_ptr(): n for n, t in formed.items() if n in self.deltas}
+        return formed
+
+    def saving(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """Saved-tensor hooks for the call: formed tensors are saved as how to form them again; any other tensor
+        goes to the hooks that were active around the call (activation checkpointing, offloading), if any."""
+        outer = _active_saved_tensor_hooks()
+
+        def pack(tensor: torch.Tensor) -> Any:
+            name = self._storages.get(tensor.untyped_storage().data_ptr()) if tensor.numel() else None
+            if name is not None:
+                return _Recipe(self, name, tensor.size(), tensor.stride(), tensor.storage_offset())
+            return _Outer(outer[0](tensor)) if outer else tensor.detach()
+
+        def unpack(packed: Any) -> torch.Tensor:
+            if isinstance(packed, _Recipe):
+                return packed.tensor()
+            return outer[1](packed.packed) if isinstance(packed, _Outer) else packed
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    def again(self, name: str) -> torch.Tensor:
+        """Formed tensor ``name`` formed again (once, in backward)."""
+        if name not in self._again:
+            with torch.no_grad():
+                self._again[name] = self._form(name)
+        return self._again[name]
+
+
+class _Recipe(NamedTuple):
+    formed: FormedWeights
+    name: str
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+    def tensor(self) -> torch.Tensor:
+        return self.formed.again(self.name).as_strided(self.size, self.stride, self.offset)
+
+
+class _Outer(NamedTuple):
+    packed: Any
+
+
+def _active_saved_tensor_hooks() -> Optional[tuple[Callable, Callable]]:
+    """The saved-tensor hooks active now (torch lets only the innermost pair apply; this one passes tensors on)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top is not None else None
+
+
+def per_expert_tensors(experts: nn.Module, num_experts: int) -> dict[str, torch.Tensor]:
+    """The module's own parameters and buffers with one row per expert (weights, biases, scales)."""
+    tensors = {**dict(experts.named_parameters(recurse=False)), **dict(experts.named_buffers(recurse=False))}
+    return {name: t for name, t in tensors.items() if t.dim() and logical_shape(t)[0] == num_experts}
+
+
+def _call_selected(experts: nn.Module, ids: list[int], deltas: Deltas, args: tuple) -> torch.Tensor:
+    """``experts(*args)`` (ids ``0..k-1``) computed by the selected experts, with their ``W + delta``."""
+    formed = FormedWeights(per_expert_tensors(experts, experts.num_experts), ids, deltas)
+
+    def shadow(module: nn.Module, _args: tuple) -> None:  # registered last: runs after hooks that gather weights
+        vars(module).update(formed.form())
+
+    num_experts = experts.num_experts
+    handle = experts.register_forward_pre_hook(shadow)
+    experts.num_experts = len(ids)
+    try:
+        with formed.saving():
+            return experts(*args)
+    finally:
+        handle.remove()
+        experts.num_experts = num_experts
+        for name in formed.base:
+            vars(experts).pop(name, None)
+
+
+class _PairRows(torch.autograd.Function):
+    """``hidden[order // top_k]``: one row per (token, slot) pair, in ``order``. Its backward puts the pair gradients
+    back in pair order (a gather) and sums each token's ``top_k`` slots, instead of an accumulating scatter."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        ctx.top_k = top_k
+        return hidden.index_select(0, order // top_k)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (order,) = ctx.saved_tensors
+        grad = grad.index_select(0, inverse_permutation(order))
+        return grad.view(-1, ctx.top_k, grad.size(-1)).sum(dim=1), None, None
+
+
+def _fed(pairs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``pairs`` (sorted by ``keys``, each group in the wanted order) arranged so that ``torch.sort`` of their keys,
+    as an experts implementation sorts them, returns them in that order."""
+    fed = torch.empty_like(pairs)
+    fed[torch.sort(keys.index_select(0, pairs)).indices] = pairs
+    return fed
 
 
 class FusedExperts(ExpertsLayout):
@@ -67,73 +193,57 @@ class FusedExperts(ExpertsLayout):
 
     def check_wrappable(self, target: nn.Module) -> None:
         super().check_wrappable(target)
-        family = getattr(getattr(target, "config", None), "model_type", None) or type(target).__name__
-        missing = [name for name, ok in (
-            ("transformers.integrations.moe._grouped_linear", _grouped_linear is not None),
-            (f"{type(target).__name__}._apply_gate", not target.has_gate or hasattr(target, "_apply_gate")),
-        ) if not ok]
-        if missing:
+        if getattr(target, "num_experts", None) != self.num_experts(target):
+            family = getattr(getattr(target, "config", None), "model_type", None) or type(target).__name__
             raise UnsupportedLayoutError(
-                f"ESFT cannot wrap the experts of this {family} model: the installed transformers lacks "
-                f"{', '.join(missing)}, which esft-peft uses to compute fused experts. Install a transformers "
-                "version esft-peft supports (see pyproject.toml)."
+                f"ESFT cannot wrap the experts of this {family} model: {type(target).__name__}.num_experts is "
+                f"{getattr(target, 'num_experts', None)!r}, not the {self.num_experts(target)} experts its weights "
+                "hold; ESFT calls the module with the selected experts only and needs that attribute to match."
             )
 
-    def forward(self, target: nn.Module, ids: list[int], deltas: Deltas, args: tuple, kwargs: dict) -> torch.Tensor:
+    def compute(self, target: nn.Module, ids: list[int], deltas: Deltas, args: tuple, kwargs: dict) -> torch.Tensor:
         hidden, top_k_index, top_k_weights = bind_arguments(call_arguments(target), args, kwargs, 3, "experts")
         shape = hidden.shape
         hidden = hidden.reshape(-1, shape[-1])
-        num_experts, k = self.num_experts(target), len(ids)
         num_tokens, num_top_k = hidden.size(0), top_k_index.size(-1)
         device = hidden.device
+        experts = top_k_index.reshape(-1)
 
-        # transformers' order: (token, slot) pairs sorted by expert id. Every elementwise step runs on whole tensors
-        # in that order, as in the base (CPU kernels round a tensor's tail elements differently), and the grouped
-        # matmuls run on the rows of the selected experts and of the others, each group's rows in the base's order
-        # (GEMM results depend on a row's position in its group): a zero delta reproduces the base bit for bit.
-        experts_sorted, perm = torch.sort(top_k_index.reshape(-1))
-        chosen = ids_tensor(tuple(ids), device)
-        lookup = torch.full((num_experts,), k, dtype=torch.long, device=device)
-        lookup.index_copy_(0, chosen, torch.arange(k, device=device))
-        group = lookup[experts_sorted]  # selected expert j -> j, any other -> k
-        histc_input = experts_sorted.float() if device.type in ("cpu", "mps") else experts_sorted.int()
-        counts = torch.histc(histc_input, bins=num_experts, min=0, max=num_experts - 1)
-        selected_counts = counts[chosen]
-        other_counts = counts.index_fill(0, chosen, 0)
-        selected_pairs = int(selected_counts.sum())  # the split point: the one host read this forward adds
-        split = torch.sort(group, stable=True).indices  # selected pairs by j, then the others in base order
-        offsets = tuple(torch.cumsum(c, 0, dtype=torch.int32) for c in (selected_counts, other_counts))
-        row_experts = (group[split[:selected_pairs]], experts_sorted[split[selected_pairs:]])
-
-        names = self._names(target)
-        frozen = {name: getattr(target, name) for name in names}
-        # The selected experts' weights: W[e] + delta[e], formed once per forward (k experts, nothing more).
-        selected = {name: with_delta(expert_rows(frozen[name], ids), deltas[name]) for name in names}
-        up, down = names[:2]
-        sources = (selected, frozen)
-
-        restore = inverse_permutation(split)  # position in (selected rows, other rows) -> position in base order
-        sizes = [selected_pairs, split.size(0) - selected_pairs]
-
-        def grouped(inputs: list[torch.Tensor], name: str) -> torch.Tensor:
-            rows = []
-            for part in range(2):
-                bias = sources[part].get(f"{name}_bias")
-                rows.append(_grouped_linear(
-                    inputs[part], sources[part][name], offsets[part],
-                    bias=None if bias is None else bias[row_experts[part]], is_transposed=target.is_transposed,
-                ))
-            return permute_rows(torch.cat(rows), restore, split)  # back to the base's order
-
-        inverse = inverse_permutation(perm)
-        out = grouped(hidden.index_select(0, (perm // num_top_k)[split]).split(sizes), up)
-        out = target._apply_gate(out) if target.has_gate else target.act_fn(out)
-        out = grouped(permute_rows(out, split, restore).split(sizes), down)
-        if target.has_post_expert_norm:
-            out = target.post_expert_norm(out)
-        out = out * permute_rows(top_k_weights.reshape(-1), perm, inverse).unsqueeze(-1)
-        out = permute_rows(out, inverse, perm).view(num_tokens, num_top_k, -1).sum(dim=1)
+        # Which pairs each call computes, and in which order they are fed: grouped_mm sorts a call's pairs by expert
+        # (an unstable sort) and a GEMM row's rounding depends on its position in its expert's group, so each call
+        # is fed its pairs such that its own sort puts every group in the base call's order (the unstable sort of
+        # one sequence is one permutation: the fed keys are that sorted sequence, the rows placed where the sort
+        # takes them from). Reading how many pairs reach selected experts is this forward's one host read.
+        lookup = torch.full((self.num_experts(target),), -1, dtype=experts.dtype, device=device)
+        lookup[ids_tensor(tuple(ids), device)] = torch.arange(len(ids), dtype=experts.dtype, device=device)
+        local = lookup[experts]  # selected expert j -> j, any other -> -1
+        keys = torch.where(local < 0, experts, local)  # the expert id each pair has in its call
+        base_order = torch.sort(experts).indices  # the base call's grouping
+        base_order = base_order[torch.sort((local[base_order] < 0).to(torch.uint8), stable=True).indices]
+        selected = int((local >= 0).sum())
+        chosen, frozen = base_order[:selected], base_order[selected:]
+        chosen = chosen[torch.sort(keys[chosen], stable=True).indices]  # grouped by selected row j
+        order = torch.cat([_fed(chosen, keys), _fed(frozen, keys)])
+        rows = _PairRows.apply(hidden, order, num_top_k)
+        keys = keys.index_select(0, order).unsqueeze(-1)
+        # Each call weighs its pairs by one; the routing weights are applied below, on the pair outputs as the call
+        # returns them (its dtype: it rounds to the hidden dtype), with the base's own product and dtype promotion.
+        ones = hidden.new_ones(order.numel(), 1)
+        parts = []
+        if selected:
+            args = (rows[:selected], keys[:selected], ones[:selected])
+            parts.append(_call_selected(target, ids, deltas, args))
+        if selected < order.numel():
+            parts.append(target(rows[selected:], keys[selected:], ones[selected:]))
+        out = permute_rows(torch.cat(parts) if len(parts) > 1 else parts[0], inverse_permutation(order), order)
+        out = out * top_k_weights.reshape(-1, 1)
+        out = out.view(num_tokens, num_top_k, -1).sum(dim=1)  # as the implementations sum a token's slots
+        if not selected and torch.is_grad_enabled():  # no pair reached a selected expert: zero gradients, not none
+            out = out + sum(delta.sum() * 0 for delta in deltas.values())
         return out.to(hidden.dtype).view(*shape[:-1], -1)
+
+    def forward(self, target: nn.Module, ids: list[int], deltas: Deltas, args: tuple, kwargs: dict) -> torch.Tensor:
+        return self.compute(target, ids, deltas, args, kwargs)
 
     def watch_routing(self, model: nn.Module, layer: Any, record: RecordRouting) -> RemovableHandle:
         return watch_experts_input(model.get_submodule(layer.experts_name), layer.key, record)

@@ -159,7 +159,7 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
     """Wraps an experts container; holds one delta row per *selected* expert (zeros unless ``init_weights=False``).
 
     ``esft_delta[adapter][param]`` has shape ``(len(ids), *per_expert_shape)``; row ``j`` belongs to expert
-    ``esft_expert_ids[adapter][j]``. The layout's route-split forward computes the pairs routed to selected experts
+    ``esft_expert_ids[adapter][j]``. The layout's route-split compute runs the pairs routed to selected experts
     once with ``W[e] + delta[e]`` and every other pair with the frozen ``W``, so cost and memory follow the selection.
     """
 
@@ -232,14 +232,7 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         if not active:
             return self.base_layer(*args, **kwargs)
         ids, deltas = self.combined_deltas(active)
-        base, layout = self.get_base_layer(), self.layout
-        # The base module is called (so hooks that manage its weights, e.g. DeepSpeed ZeRO-3's gather, run) with
-        # the layout's route-split forward in place of its own.
-        vars(base)["forward"] = lambda *a, **kw: layout.forward(base, ids, deltas, a, kw)
-        try:
-            return base(*args, **kwargs)
-        finally:
-            vars(base).pop("forward", None)
+        return self.layout.compute(self.get_base_layer(), ids, deltas, args, kwargs)
 
     def _write_base_weights(self, adapter: str, name: str, value: torch.Tensor) -> None:
         index = torch.tensor(self.esft_expert_ids[adapter], device=self._base_param().device)
