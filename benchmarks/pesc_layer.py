@@ -34,7 +34,7 @@ def crafted_layer(args: argparse.Namespace, experts: int) -> PESCLayer:
         num_experts=experts, top_k=args.top_k, adapter_dim=args.intermediate // 16, adapter_dropout=0.0))
     layer = next(m for m in model.modules() if isinstance(m, PESCLayer))
     with torch.no_grad():  # trained-like adapters (U is zero at creation)
-        layer.lora_pesc_up["default"].normal_(0, 0.02)
+        layer.pesc_up["default"].normal_(0, 0.02)
     return layer.train()
 
 
@@ -42,7 +42,7 @@ def loop_forward(layer: PESCLayer, x: torch.Tensor) -> torch.Tensor:
     """The authors' ``CamelidaeGateAdapter.forward`` over the same weights: (token, slot) rows repeated k times, then
     for every expert a boolean mask selects its rows, ``rows[mask] += expert(inputs[mask])``, and the slots are
     summed with the routing weights."""
-    router, down, up = layer.lora_pesc_router["default"], layer.lora_pesc_down["default"], layer.lora_pesc_up["default"]
+    router, down, up = layer.pesc_router["default"], layer.pesc_down["default"], layer.pesc_up["default"]
     flat = x.reshape(-1, x.shape[-1])
     hidden = layer.get_base_layer()(flat)
     _, weights, index = router(flat)
