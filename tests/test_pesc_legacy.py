@@ -26,10 +26,11 @@ def test_legacy_pesc_adapter_loads_with_same_outputs(name):
     torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-6)
 
 
-def test_legacy_pesc_adapter_resaved_loads_with_transformers_load_adapter(tmp_path):
+@pytest.mark.parametrize("name", ["plain", "lora"])
+def test_legacy_pesc_adapter_resaved_loads_with_transformers_load_adapter(name, tmp_path):
     """transformers' load_adapter names weights by the method's prefix, so it reads only ``pesc_*`` keys: a legacy
     file loads through peft, and once re-saved, through transformers too."""
-    folder = LEGACY / "pesc_plain"
+    folder = LEGACY / f"pesc_{name}"
     expected = load_file(str(folder / "expected_outputs.safetensors"))
     PeftModel.from_pretrained(make_dense_model("llama", seed=0), str(folder)).save_pretrained(tmp_path)
     model = make_dense_model("llama", seed=0)
@@ -47,4 +48,5 @@ def test_legacy_pesc_adapter_resaves_with_pesc_keys(tmp_path):
         keys = list(handle.keys())
     assert not any("lora_pesc" in key for key in keys)
     assert sum(key.endswith((".pesc_router.weight", ".pesc_down", ".pesc_up")) for key in keys) == 6
-    assert sum(key.endswith((".lora_A.weight", ".lora_B.weight")) for key in keys) == 8
+    assert sum(key.endswith((".pesc_lora_A.weight", ".pesc_lora_B.weight")) for key in keys) == 8
+    assert all(".pesc_" in key for key in keys)  # one prefix for every key PESC saves

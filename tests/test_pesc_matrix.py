@@ -18,7 +18,7 @@ from tiny_dense import DENSE_FAMILIES, make_dense_model
 
 FAMILIES = list(DENSE_FAMILIES)
 SAVED_KEY = re.compile(
-    r"^base_model\.model\..+\.(pesc_router\.weight|pesc_down|pesc_up|lora_A\.weight|lora_B\.weight)$"
+    r"^base_model\.model\..+\.(pesc_router\.weight|pesc_down|pesc_up|pesc_lora_A\.weight|pesc_lora_B\.weight)$"
 )
 MERGE_ATOL = 1e-5  # fp32: LoRA folded into the dense weights changes the rounding of W x + B A x
 
@@ -111,17 +111,7 @@ def test_auto_peft_model_and_transformers_load_adapter(family, tmp_path):
     assert isinstance(PeftConfig.from_pretrained(tmp_path / "adapter"), PESCConfig)
     auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
     assert torch.equal(logits(auto), expected)
-    # transformers names loaded weights by the method's prefix ("pesc_"); the LoRA part (peft's lora_A/lora_B)
-    # cannot be named so, and is refused with a clear error before anything changes (issue 18: PESC's own prefix)
-    with pytest.raises(ValueError, match="LoRA part .* cannot hold"):
-        base.load_adapter(str(tmp_path / "adapter"), adapter_name="task")
-    assert not getattr(base, "peft_config", {}) and torch.equal(logits(base), logits(make_dense_model(family)))
-    model, _ = crafted(family, lora=False)
-    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
-    train_steps(model)
-    expected = logits(model)
-    model.save_pretrained(tmp_path / "pesc_only")
-    base.load_adapter(str(tmp_path / "pesc_only"), adapter_name="task")
+    base.load_adapter(str(tmp_path / "adapter"), adapter_name="task")
     assert torch.equal(logits(base), expected)
     ids = batch(3)
     with_labels = base(input_ids=ids, labels=ids).loss  # the load-balancing loss is added here too

@@ -22,8 +22,11 @@ from .targets import MLPTarget, Plan, plan_targets
 
 logger = logging.getLogger(__name__)
 
-LEGACY_CONTAINERS = {".lora_pesc_router.": ".pesc_router.", ".lora_pesc_down": ".pesc_down",
-                     ".lora_pesc_up": ".pesc_up"}  # saved keys of releases before the pesc_ prefix
+# saved key segment -> today's, for files of releases before the pesc_ prefix
+LEGACY_SEGMENTS = {"lora_pesc_router": "pesc_router", "lora_pesc_down": "pesc_down", "lora_pesc_up": "pesc_up",
+                   "lora_A": "pesc_lora_A", "lora_B": "pesc_lora_B"}
+# the LoRA part's containers (peft's LoRA layers) -> their names in PESC's files
+LORA_SEGMENTS = {"lora_A": "pesc_lora_A", "lora_B": "pesc_lora_B"}
 NO_MERGE = (
     "A PESC adapter cannot be merged into the dense weights: every token is routed to its own adapter experts, so no "
     "single weight matrix reproduces the crafted layers. Keep the adapter loaded for inference; merge_lora() folds "
@@ -40,20 +43,26 @@ def lora_config_of(config: PESCConfig) -> LoraConfig:
     )
 
 
+def _renamed(key: str, segments: dict[str, str]) -> str:
+    return ".".join(segments.get(part, part) for part in key.split("."))
+
+
 def legacy_key(key: str) -> str:
-    """A saved key of a release before the ``pesc_`` prefix (``<mlp>.lora_pesc_down``) in today's form."""
-    for old, new in LEGACY_CONTAINERS.items():
-        if old in key or key.endswith(old):
-            return key.replace(old, new)
-    return key
+    """A saved key of a release before the ``pesc_`` prefix (``<mlp>.lora_pesc_down``, ``<linear>.lora_A.weight``)
+    in today's form."""
+    return _renamed(key, LEGACY_SEGMENTS)
 
 
-NO_STANDALONE_LORA = (
-    "This PESC adapter has a LoRA part (lora_r > 0), which transformers' add_adapter/load_adapter cannot hold: "
-    "transformers names loaded weights by the method's prefix ('pesc_'), and the LoRA part is made of peft's LoRA "
-    "layers (lora_A/lora_B). Load it with peft instead: PeftModel.from_pretrained(model, path) or "
-    "AutoPeftModelForCausalLM.from_pretrained(path). Nothing was changed."
-)
+def _name_lora_part_for_transformers(model: nn.Module) -> None:
+    """Injected without a PeftModel (transformers' add_adapter/load_adapter), the model's own keys must match the
+    files: transformers inserts the adapter name after key segments that start with the method's prefix, and loads
+    by the model's keys. The LoRA part's containers are therefore also reachable as ``pesc_lora_A``/``pesc_lora_B``
+    (the same ModuleDicts, registered under a second name; peft keeps seeing ``lora_A``/``lora_B``)."""
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, alias in LORA_SEGMENTS.items():
+                if alias not in module._modules:
+                    module.add_module(alias, getattr(module, name))
 
 
 def _inject_names(module: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
@@ -86,14 +95,13 @@ class PESCModel(BaseTuner):
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:
             self.__dict__.pop("_injecting", None)
+        # record routing for the aux loss (also on this path: inject_adapter_in_model, where no tuner outlives it)
+        attach_routing_record(model, self._model_aux_loss)
+        if self._standalone:
+            _name_lora_part_for_transformers(model)
 
     def _prepare_adapter_config(self, peft_config: PESCConfig, model_config: dict) -> PESCConfig:
         return peft_config  # targets come from the adapter's plan (inject_adapter), not from peft's mapping
-
-    def _pre_injection_hook(self, model: nn.Module, config: PESCConfig, adapter_name: str) -> None:
-        if self._standalone and config.uses_lora:
-            self.peft_config.pop(adapter_name, None)  # peft added it to the model's peft_config already
-            raise ValueError(NO_STANDALONE_LORA)
 
     def _check_target_module_exists(self, peft_config: PESCConfig, key: str) -> bool:
         plan = self.plans[self._injecting]
@@ -147,10 +155,6 @@ class PESCModel(BaseTuner):
         # peft's version copies `child.weight` onto unwrapped modules; an MLP has none.
         setattr(parent, child_name, new_module)
 
-    def _post_injection_hook(self, model: nn.Module, config: PESCConfig, adapter_name: str) -> None:
-        # also reached by inject_adapter_in_model (transformers' load_adapter), where no tuner outlives the call
-        attach_routing_record(model, self._model_aux_loss)
-
     @staticmethod
     def _model_aux_loss(model: nn.Module, attention_mask: Optional[Any] = None):
         """What the forward hook adds to ``outputs.loss``: :meth:`_get_router_aux_loss` of ``model``."""
@@ -169,6 +173,12 @@ class PESCModel(BaseTuner):
     def router_aux_loss(self, attention_mask: Optional[Any] = None):
         """The load-balancing loss of the last forward: :meth:`_get_router_aux_loss` of every adapter that routed."""
         return self._get_router_aux_loss(attention_mask=attention_mask)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Saved keys all carry the method's prefix: the LoRA part's ``lora_A``/``lora_B`` save as
+        ``pesc_lora_A``/``pesc_lora_B`` (peft builds the load mapping from this same function)."""
+        return _renamed(super()._remove_adapter_name_from_key(key, adapter_name), LORA_SEGMENTS)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
