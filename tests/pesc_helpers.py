@@ -28,7 +28,7 @@ def adapter_params(model: nn.Module, adapter: str = "default") -> dict[str, torc
     """Trainable-kind parameters of ``adapter``: routers, adapter experts and LoRA matrices."""
     return {
         n: p for n, p in model.named_parameters()
-        if any(f".{c}.{adapter}" in n for c in ("pesc_router", "pesc_down", "pesc_up", "lora_A", "lora_B"))
+        if any(f".{c}.{adapter}" in n for c in ("pesc_router", "pesc_down", "pesc_up", "pesc_lora_A", "pesc_lora_B"))
     }
 
 

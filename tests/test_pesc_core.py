@@ -169,7 +169,7 @@ def test_layers_to_transform_and_target_modules():
     model = get_peft_model(make_dense_model("llama"), PESCConfig(target_modules=["layers.1.mlp"], lora_r=2,
                                                                   lora_target_modules=["q_proj", "down_proj"]))
     assert list(pesc_layers(model)) == ["base_model.model.model.layers.1.mlp"]
-    lora = sorted(n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n)
+    lora = sorted(n.split(".pesc_lora_A")[0] for n, _ in model.named_parameters() if ".pesc_lora_A." in n)
     assert lora == [f"base_model.model.model.layers.{i}.{m}" for i, m in
                     ((0, "mlp.down_proj"), (0, "self_attn.q_proj"), (1, "mlp.base_layer.down_proj"),
                      (1, "self_attn.q_proj"))]
@@ -378,7 +378,7 @@ def test_qlora_recipe_on_a_4bit_base_trains_saves_and_reloads(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     train_steps(model, steps=3)
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
-    assert any("pesc_up" in n for n in changed) and any(".lora_B." in n for n in changed)
+    assert any("pesc_up" in n for n in changed) and any(".pesc_lora_B." in n for n in changed)
     expected = logits(model)
     model.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(quantized(), tmp_path / "adapter")

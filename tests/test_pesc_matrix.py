@@ -34,7 +34,7 @@ def test_fresh_adapter_is_bit_identical_and_only_adapters_train(family):
     assert set(trainable) == set(adapter_params(model))
     per_layer = experts * hidden + 2 * experts * dim * hidden  # router + D + U
     assert sum(v for n, v in trainable.items() if ".pesc_" in n) == len(layers) * per_layer
-    assert any(".lora_A." in n for n in trainable)
+    assert any(".pesc_lora_A." in n for n in trainable)
     for layer in layers.values():
         assert layer.pesc_up["default"].abs().sum() == 0 and layer.pesc_down["default"].abs().sum() > 0
 
@@ -159,7 +159,7 @@ def test_merge_refused_merge_lora_keeps_pesc_and_unload(family, tmp_path):
     current = model.state_dict()
     assert all(torch.equal(current[k], v) for k, v in state.items())  # nothing was touched
     model.merge_lora()
-    assert not any(".lora_A." in n or ".lora_B." in n for n, _ in model.named_parameters())
+    assert not any(".pesc_lora_A." in n or ".pesc_lora_B." in n for n, _ in model.named_parameters())
     assert len(pesc_layers(model)) == model.get_base_model().config.num_hidden_layers
     torch.testing.assert_close(logits(model), expected, atol=MERGE_ATOL, rtol=0)
     model.save_pretrained(tmp_path / "pesc-only")

@@ -14,9 +14,9 @@ from peft.tuners.tuners_utils import BaseTuner, get_device_map
 from peft.utils import AuxiliaryTrainingWrapper, _get_submodules
 from torch import nn
 
+from ..mixed_batch_common import beam_expanded, check_adapter_names
 from .config import ALL_LINEAR, PESCConfig
 from .layer import PESCLayer, require_grouped_mm
-from ..mixed_batch_common import beam_expanded, check_adapter_names
 from .loss import attach_routing_record, aux_loss_of_record, detach_routing_record, routing_record
 from .targets import MLPTarget, Plan, plan_targets
 
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 # saved key segment -> today's, for files of releases before the pesc_ prefix
 LEGACY_SEGMENTS = {"lora_pesc_router": "pesc_router", "lora_pesc_down": "pesc_down", "lora_pesc_up": "pesc_up",
                    "lora_A": "pesc_lora_A", "lora_B": "pesc_lora_B"}
-# the LoRA part's containers (peft's LoRA layers) -> their names in PESC's files
+# the LoRA part's containers (peft's LoRA layers) -> their registered names under PESC's prefix
 LORA_SEGMENTS = {"lora_A": "pesc_lora_A", "lora_B": "pesc_lora_B"}
 NO_MERGE = (
     "A PESC adapter cannot be merged into the dense weights: every token is routed to its own adapter experts, so no "
@@ -53,16 +53,15 @@ def legacy_key(key: str) -> str:
     return _renamed(key, LEGACY_SEGMENTS)
 
 
-def _name_lora_part_for_transformers(model: nn.Module) -> None:
-    """Injected without a PeftModel (transformers' add_adapter/load_adapter), the model's own keys must match the
-    files: transformers inserts the adapter name after key segments that start with the method's prefix, and loads
-    by the model's keys. The LoRA part's containers are therefore also reachable as ``pesc_lora_A``/``pesc_lora_B``
-    (the same ModuleDicts, registered under a second name; peft keeps seeing ``lora_A``/``lora_B``)."""
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for name, alias in LORA_SEGMENTS.items():
-                if alias not in module._modules:
-                    module.add_module(alias, getattr(module, name))
+def own_lora_containers(layer: LoraLayer) -> None:
+    """Register a LoRA layer's ``lora_A``/``lora_B`` under PESC's prefix (``pesc_lora_A``/``pesc_lora_B``): parameter
+    names, saved keys and transformers' loading (which names weights by the method's prefix) then all read ``pesc_``.
+    peft's LoRA code keeps reaching the same ModuleDicts as ``layer.lora_A``/``layer.lora_B`` (plain attributes)."""
+    for name, own in LORA_SEGMENTS.items():
+        if name in layer._modules:
+            container = layer._modules.pop(name)
+            layer._modules[own] = container
+            layer.__dict__[name] = container
 
 
 def _inject_names(module: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
@@ -78,12 +77,6 @@ class PESCModel(BaseTuner):
     tuner_layer_cls = (PESCLayer, LoraLayer)  # set_adapter/delete_adapter reach both kinds of layers
     target_module_mapping: dict[str, list[str]] = {}
 
-    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, **kwargs: Any) -> None:
-        # peft's PeftModel passes {name: config}; inject_adapter_in_model (transformers' add_adapter/load_adapter)
-        # passes the config itself, and keeps no tuner
-        self.__dict__["_standalone"] = not isinstance(peft_config, dict)
-        super().__init__(model, peft_config, adapter_name, **kwargs)
-
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         """Plan the adapter's targets (one plan per adapter, kept on the tuner; the config stays plain data), then
         let peft inject it."""
@@ -97,8 +90,6 @@ class PESCModel(BaseTuner):
             self.__dict__.pop("_injecting", None)
         # record routing for the aux loss (also on this path: inject_adapter_in_model, where no tuner outlives it)
         attach_routing_record(model, self._model_aux_loss)
-        if self._standalone:
-            _name_lora_part_for_transformers(model)
 
     def _prepare_adapter_config(self, peft_config: PESCConfig, model_config: dict) -> PESCConfig:
         return peft_config  # targets come from the adapter's plan (inject_adapter), not from peft's mapping
@@ -147,6 +138,7 @@ class PESCModel(BaseTuner):
         new_module = LoraModel._create_new_module(
             lora_config, adapter_name, target, device_map=get_device_map(self.model), **kwargs
         )
+        own_lora_containers(new_module)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         setattr(parent, target_name, new_module)
@@ -173,12 +165,6 @@ class PESCModel(BaseTuner):
     def router_aux_loss(self, attention_mask: Optional[Any] = None):
         """The load-balancing loss of the last forward: :meth:`_get_router_aux_loss` of every adapter that routed."""
         return self._get_router_aux_loss(attention_mask=attention_mask)
-
-    @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        """Saved keys all carry the method's prefix: the LoRA part's ``lora_A``/``lora_B`` save as
-        ``pesc_lora_A``/``pesc_lora_B`` (peft builds the load mapping from this same function)."""
-        return _renamed(super()._remove_adapter_name_from_key(key, adapter_name), LORA_SEGMENTS)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
