@@ -9,6 +9,8 @@ transformers 4.36's Mixtral function, whose softmax over the top-k values made `
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
@@ -50,38 +52,34 @@ def _mask(attention_mask: Optional[torch.Tensor], tokens: int) -> Optional[torch
 
 
 class RoutingRecord:
-    """The routing of one forward of a model: per adapter, the (router logits, top-k index) of each upcycled layer,
-    in call order. Filled by forward hooks on the routers (as transformers records router logits), cleared when the
-    model's forward starts; nothing is kept on the layers."""
+    """The routing of one forward of a model: per adapter, (router logits (T, E), top-k index (T, k), whether the
+    router trains) of each upcycled layer, in call order. Filled by forward hooks on the routers (as transformers
+    records router logits) while the model's forward runs, cleared when it starts; nothing is kept on the layers."""
 
     def __init__(self) -> None:
-        self.routing: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.routers: set[int] = set()
-        self.handles: list[Any] = []
+        self.routing: dict[str, list[tuple[torch.Tensor, torch.Tensor, bool]]] = {}
 
-    def clear(self) -> None:
-        self.routing = {}
 
-    def watch(self, model: nn.Module) -> None:
-        """Hook every router of ``model`` not yet watched (routers of adapters added later included)."""
-        for module in model.modules():
-            if isinstance(module, PESCLayer):
-                for adapter, router in module.pesc_router.items():
-                    if id(router) not in self.routers:
-                        self.routers.add(id(router))
-                        self.handles.append(router.register_forward_hook(self._hook(adapter)))
+_RECORDING: ContextVar[Optional[RoutingRecord]] = ContextVar("pesc_routing_record", default=None)
 
-    def _hook(self, adapter: str):
-        def record(router: nn.Module, args: tuple, output: tuple) -> None:
-            logits, _, index = output
-            self.routing.setdefault(adapter, []).append((logits, index, router.weight.requires_grad))
 
-        return record
+def _record_routing(adapter: str, router: nn.Module, args: tuple, output: tuple) -> None:
+    record = _RECORDING.get()
+    if record is not None:  # outside a model forward (e.g. recomputation for checkpointing in backward): skipped
+        logits, _, index = output
+        record.routing.setdefault(adapter, []).append((logits, index, router.weight.requires_grad))
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles, self.routers, self.routing = [], set(), {}
+
+def _start_recording(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    record = vars(model).get(RECORD_ATTRIBUTE)
+    if record is not None:
+        record.routing = {}
+        _RECORDING.set(record)
+
+
+def _watched(module: nn.Module, hook: Callable) -> bool:
+    hooks = {**module._forward_pre_hooks, **module._forward_hooks}.values()
+    return any(getattr(h, "func", h) is hook for h in hooks)
 
 
 def routing_record(model: nn.Module) -> Optional[RoutingRecord]:
@@ -152,30 +150,34 @@ def attach_routing_record(model: nn.Module, aux_loss: Callable[..., Optional[tor
     """Record the routing of every forward of ``model`` and add ``aux_loss(model, attention_mask=...)`` to
     ``outputs.loss`` whenever labels are passed (as keyword arguments, as Trainer and peft do), however ``model`` is
     called: through any PeftModel class or directly (after transformers' ``load_adapter``). Idempotent; routers
-    added since the last call are watched too."""
-    record = vars(model).get(RECORD_ATTRIBUTE)
-    if record is None:
-        record = RoutingRecord()
-        model.__dict__[RECORD_ATTRIBUTE] = record
+    added since the last call are watched too. The hooks are module-level functions, so a deep copy of the model
+    records into its own copy of the record."""
+    if RECORD_ATTRIBUTE not in vars(model):
+        model.__dict__[RECORD_ATTRIBUTE] = RoutingRecord()
+    if not _watched(model, _start_recording):
+        model.register_forward_pre_hook(_start_recording, with_kwargs=True)
+        model.register_forward_hook(partial(_add_aux_loss, aux_loss=aux_loss), with_kwargs=True)
+    for module in model.modules():
+        if isinstance(module, PESCLayer):
+            for adapter, router in module.pesc_router.items():
+                if not _watched(router, _record_routing):
+                    router.register_forward_hook(partial(_record_routing, adapter))
 
-        def start(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            record.clear()
 
-        def add_loss(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            loss = getattr(output, "loss", None)
-            if kwargs.get("labels") is None or loss is None:
-                return None
-            aux = aux_loss(module, attention_mask=kwargs.get("attention_mask"))
-            if aux is not None:
-                output.loss = loss + aux.to(loss.dtype)
-            return output
-
-        record.handles.append(model.register_forward_pre_hook(start, with_kwargs=True))
-        record.handles.append(model.register_forward_hook(add_loss, with_kwargs=True))
-    record.watch(model)
+def _add_aux_loss(model: nn.Module, args: tuple, kwargs: dict, output: Any, aux_loss: Callable) -> Any:
+    _RECORDING.set(None)
+    loss = getattr(output, "loss", None)
+    if kwargs.get("labels") is None or loss is None:
+        return None
+    aux = aux_loss(model, attention_mask=kwargs.get("attention_mask"))
+    if aux is not None:
+        output.loss = loss + aux.to(loss.dtype)
+    return output
 
 
 def detach_routing_record(model: nn.Module) -> None:
-    record = vars(model).pop(RECORD_ATTRIBUTE, None)
-    if record is not None:
-        record.remove()
+    """Remove what :func:`attach_routing_record` added to ``model`` (the routers leave with their layers)."""
+    vars(model).pop(RECORD_ATTRIBUTE, None)
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, h in hooks.items() if getattr(h, "func", h) in (_start_recording, _add_aux_loss)]:
+            del hooks[key]

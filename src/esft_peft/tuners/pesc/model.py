@@ -81,13 +81,13 @@ class PESCModel(BaseTuner):
         """Plan the adapter's targets (one plan per adapter, kept on the tuner; the config stays plain data), then
         let peft inject it."""
         require_grouped_mm()
-        plans: dict[str, Plan] = self.__dict__.setdefault("plans", {})
+        plans: dict[str, Plan] = vars(self).setdefault("plans", {})  # set before BaseTuner.__init__ returns
         plans[adapter_name] = plan_targets(model, self.peft_config[adapter_name])
-        self.__dict__["_injecting"] = adapter_name
+        self._injecting = adapter_name  # the adapter whose plan _check_target_module_exists reads
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:
-            self.__dict__.pop("_injecting", None)
+            self._injecting = None
         # record routing for the aux loss (also on this path: inject_adapter_in_model, where no tuner outlives it)
         attach_routing_record(model, self._model_aux_loss)
 
@@ -174,7 +174,7 @@ class PESCModel(BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self.__dict__.get("plans", {}).pop(adapter_name, None)
+        self.plans.pop(adapter_name, None)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
