@@ -30,15 +30,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from esft_peft import PESCConfig, PESCLayer
 
 
-def adapter(layer: PESCLayer, part: str) -> torch.nn.Module | torch.nn.Parameter:
-    """The adapter's ``router``/``down``/``up`` container entry, under the ``pesc_`` prefix or the earlier
-    ``lora_pesc_`` one."""
-    containers = getattr(layer, f"pesc_{part}", None)
-    if containers is None:
-        containers = getattr(layer, f"lora_pesc_{part}")
-    return containers["default"]
-
-
 def crafted_layer(args: argparse.Namespace, experts: int, adapter_dim: int) -> PESCLayer:
     config = LlamaConfig(vocab_size=32, hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=1, num_attention_heads=max(1, args.hidden // 64))
@@ -48,7 +39,7 @@ def crafted_layer(args: argparse.Namespace, experts: int, adapter_dim: int) -> P
     model.to(device=args.device, dtype=getattr(torch, args.dtype))
     layer = next(m for m in model.modules() if isinstance(m, PESCLayer))
     with torch.no_grad():  # trained-like adapters (U is zero at creation)
-        adapter(layer, "up").normal_(0, 0.02)
+        layer.pesc_up["default"].normal_(0, 0.02)
     return layer.train()
 
 
@@ -56,7 +47,7 @@ def loop_forward(layer: PESCLayer, x: torch.Tensor) -> torch.Tensor:
     """The authors' ``CamelidaeGateAdapter.forward`` over the same weights: (token, slot) rows repeated k times, then
     for every expert a boolean mask selects its rows, ``rows[mask] += expert(inputs[mask])``, and the slots are
     summed with the routing weights."""
-    router, down, up = adapter(layer, "router"), adapter(layer, "down"), adapter(layer, "up")
+    router, down, up = layer.pesc_router["default"], layer.pesc_down["default"], layer.pesc_up["default"]
     flat = x.reshape(-1, x.shape[-1])
     hidden = layer.get_base_layer()(flat)
     _, weights, index = router(flat)

@@ -28,7 +28,7 @@ def adapter_params(model: nn.Module, adapter: str = "default") -> dict[str, torc
     """Trainable-kind parameters of ``adapter``: routers, adapter experts and LoRA matrices."""
     return {
         n: p for n, p in model.named_parameters()
-        if any(f".{c}.{adapter}" in n for c in ("lora_pesc_router", "lora_pesc_down", "lora_pesc_up", "lora_A", "lora_B"))
+        if any(f".{c}.{adapter}" in n for c in ("pesc_router", "pesc_down", "pesc_up", "pesc_lora_A", "pesc_lora_B"))
     }
 
 
@@ -39,12 +39,12 @@ def pesc_layers(model: nn.Module) -> dict[str, PESCLayer]:
 def reference_layer(layer: PESCLayer, x: torch.Tensor, adapter: str = "default") -> torch.Tensor:
     """Paper Eq. 7-9 token by token, slot by slot (an implementation independent of the grouped one)."""
     dense = layer.get_base_layer()(x)
-    router = layer.lora_pesc_router[adapter].weight
-    down, up, scale = layer.lora_pesc_down[adapter], layer.lora_pesc_up[adapter], layer.lora_pesc_scaling[adapter]
+    router = layer.pesc_router[adapter].weight
+    down, up, scale = layer.pesc_down[adapter], layer.pesc_up[adapter], layer.pesc_scaling[adapter]
     flat_x, flat_h = x.reshape(-1, x.shape[-1]), dense.reshape(-1, dense.shape[-1])
     out = flat_h.clone()
     for t in range(flat_x.shape[0]):
-        kept, chosen = (flat_x[t] @ router.T).topk(layer.lora_pesc_router[adapter].top_k)
+        kept, chosen = (flat_x[t] @ router.T).topk(layer.pesc_router[adapter].top_k)
         weights = torch.softmax(kept, dim=-1)
         for w, e in zip(weights, chosen):
             out[t] = out[t] + w * scale * (up[e] @ F.gelu(down[e] @ flat_h[t]))

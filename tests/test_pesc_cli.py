@@ -51,8 +51,8 @@ def test_train_pesc_writes_adapter_and_card_then_push(workspace, tmp_path, capsy
     assert saved["peft_type"] == "PESC" and saved["num_experts"] == 4 and saved["lora_r"] == 4
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as handle:
         keys = list(handle.keys())
-        assert any(k.endswith(".lora_pesc_up") and handle.get_tensor(k).abs().sum() > 0 for k in keys)
-        assert any(".lora_A." in k for k in keys)
+        assert any(k.endswith(".pesc_up") and handle.get_tensor(k).abs().sum() > 0 for k in keys)
+        assert any(".pesc_lora_A." in k for k in keys)
     card = (out / "README.md").read_text()
     assert "- pesc" in card and "# PESC adapter" in card and "| num_experts | 4 |" in card and "| top_k | 2 |" in card
     assert "r=4, alpha=16" in card and str(model) in card

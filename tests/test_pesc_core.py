@@ -37,7 +37,7 @@ def _plain_cross_entropy(model, ids):
 def _expected_aux(model, ids, alpha, mask=None):
     """An independent computation: routers' logits through hooks, f from the top-k decisions, P from the softmax."""
     captured = []
-    handles = [layer.lora_pesc_router["default"].register_forward_hook(lambda m, a, out: captured.append(out))
+    handles = [layer.pesc_router["default"].register_forward_hook(lambda m, a, out: captured.append(out))
                for layer in pesc_layers(model).values()]
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
@@ -89,9 +89,9 @@ def test_aux_loss_has_a_gradient_on_the_routers():
     model(input_ids=ids)
     router_aux_loss(model).backward()
     for layer in pesc_layers(model).values():
-        grad = layer.lora_pesc_router["default"].weight.grad
+        grad = layer.pesc_router["default"].weight.grad
         assert grad is not None and grad.abs().sum() > 0
-        down = layer.lora_pesc_down["default"].grad
+        down = layer.pesc_down["default"].grad
         assert down is None or not down.any()  # only the routers feel the balance loss
 
 
@@ -149,7 +149,7 @@ def test_unaligned_weights_use_the_same_kernel():
     model.eval()
     expected = logits(model)
     for layer in pesc_layers(model).values():  # move the adapter experts to storage starting 4 bytes off alignment
-        for name in ("lora_pesc_down", "lora_pesc_up"):
+        for name in ("pesc_down", "pesc_up"):
             param = getattr(layer, name)["default"]
             storage = torch.empty(param.numel() + 1)[1:].view(param.shape)
             storage.copy_(param)
@@ -169,7 +169,7 @@ def test_layers_to_transform_and_target_modules():
     model = get_peft_model(make_dense_model("llama"), PESCConfig(target_modules=["layers.1.mlp"], lora_r=2,
                                                                   lora_target_modules=["q_proj", "down_proj"]))
     assert list(pesc_layers(model)) == ["base_model.model.model.layers.1.mlp"]
-    lora = sorted(n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n)
+    lora = sorted(n.split(".pesc_lora_A")[0] for n, _ in model.named_parameters() if ".pesc_lora_A." in n)
     assert lora == [f"base_model.model.model.layers.{i}.{m}" for i, m in
                     ((0, "mlp.down_proj"), (0, "self_attn.q_proj"), (1, "mlp.base_layer.down_proj"),
                      (1, "self_attn.q_proj"))]
@@ -367,18 +367,18 @@ def test_qlora_recipe_on_a_4bit_base_trains_saves_and_reloads(tmp_path):
                         adapter_dropout=0.0)
     kept = get_peft_model(quantized(), config, autocast_adapter_dtype=False)
     layer = next(iter(pesc_layers(kept).values()))
-    assert layer.lora_pesc_down["default"].dtype == torch.bfloat16  # the compute dtype, never quantised
+    assert layer.pesc_down["default"].dtype == torch.bfloat16  # the compute dtype, never quantised
     model = get_peft_model(quantized(), PESCConfig(**config.to_dict() | {"peft_type": None, "base_shapes": None,
                                                                          "base_model_type": None}))
     lora_layers = [m for m in model.modules() if isinstance(m, LoraLinear4bit)]
     assert len(lora_layers) == 2 * 7  # q, k, v, o, gate, up, down in both layers: peft's bnb LoRA layers
     layer = next(iter(pesc_layers(model).values()))
-    assert layer.lora_pesc_router["default"].weight.dtype == torch.float32  # peft's fp32 master weights
+    assert layer.pesc_router["default"].weight.dtype == torch.float32  # peft's fp32 master weights
     assert all(p.dtype in (torch.float32, torch.bfloat16) for n, p in model.named_parameters() if p.requires_grad)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     train_steps(model, steps=3)
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
-    assert any("lora_pesc_up" in n for n in changed) and any(".lora_B." in n for n in changed)
+    assert any("pesc_up" in n for n in changed) and any(".pesc_lora_B." in n for n in changed)
     expected = logits(model)
     model.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(quantized(), tmp_path / "adapter")

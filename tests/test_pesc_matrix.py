@@ -18,7 +18,7 @@ from tiny_dense import DENSE_FAMILIES, make_dense_model
 
 FAMILIES = list(DENSE_FAMILIES)
 SAVED_KEY = re.compile(
-    r"^base_model\.model\..+\.(lora_pesc_router\.weight|lora_pesc_down|lora_pesc_up|lora_A\.weight|lora_B\.weight)$"
+    r"^base_model\.model\..+\.(pesc_router\.weight|pesc_down|pesc_up|pesc_lora_A\.weight|pesc_lora_B\.weight)$"
 )
 MERGE_ATOL = 1e-5  # fp32: LoRA folded into the dense weights changes the rounding of W x + B A x
 
@@ -33,10 +33,10 @@ def test_fresh_adapter_is_bit_identical_and_only_adapters_train(family):
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     assert set(trainable) == set(adapter_params(model))
     per_layer = experts * hidden + 2 * experts * dim * hidden  # router + D + U
-    assert sum(v for n, v in trainable.items() if ".lora_pesc_" in n) == len(layers) * per_layer
-    assert any(".lora_A." in n for n in trainable)
+    assert sum(v for n, v in trainable.items() if ".pesc_" in n and ".pesc_lora_" not in n) == len(layers) * per_layer
+    assert any(".pesc_lora_A." in n for n in trainable)
     for layer in layers.values():
-        assert layer.lora_pesc_up["default"].abs().sum() == 0 and layer.lora_pesc_down["default"].abs().sum() > 0
+        assert layer.pesc_up["default"].abs().sum() == 0 and layer.pesc_down["default"].abs().sum() > 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -64,7 +64,7 @@ def test_layer_matches_the_paper_formula(family):
 def test_training_changes_output_and_disable_is_exact(family):
     model, reference = crafted(family)
     train_steps(model)
-    assert all(p.abs().sum() > 0 for n, p in adapter_params(model).items() if "lora_pesc_up" in n)
+    assert all(p.abs().sum() > 0 for n, p in adapter_params(model).items() if "pesc_up" in n)
     assert not torch.allclose(logits(model), reference)
     with model.disable_adapter():
         assert torch.equal(logits(model), reference)
@@ -82,8 +82,8 @@ def test_save_reload_exact_with_documented_keys(family, tmp_path):
     keys = set(header) - {"__metadata__"}
     assert keys and all(SAVED_KEY.match(k) for k in keys), sorted(keys)[:4]
     mlp = next(iter(pesc_layers(model)))
-    assert header[f"{mlp}.lora_pesc_down"]["shape"] == [4, 8, 32] and header[f"{mlp}.lora_pesc_up"]["shape"] == [4, 32, 8]
-    assert header[f"{mlp}.lora_pesc_router.weight"]["shape"] == [4, 32]
+    assert header[f"{mlp}.pesc_down"]["shape"] == [4, 8, 32] and header[f"{mlp}.pesc_up"]["shape"] == [4, 32, 8]
+    assert header[f"{mlp}.pesc_router.weight"]["shape"] == [4, 32]
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "PESC" and saved["base_model_type"] == family
     layer = saved["base_shapes"]["0"]
@@ -159,7 +159,7 @@ def test_merge_refused_merge_lora_keeps_pesc_and_unload(family, tmp_path):
     current = model.state_dict()
     assert all(torch.equal(current[k], v) for k, v in state.items())  # nothing was touched
     model.merge_lora()
-    assert not any(".lora_A." in n or ".lora_B." in n for n, _ in model.named_parameters())
+    assert not any(".pesc_lora_A." in n or ".pesc_lora_B." in n for n, _ in model.named_parameters())
     assert len(pesc_layers(model)) == model.get_base_model().config.num_hidden_layers
     torch.testing.assert_close(logits(model), expected, atol=MERGE_ATOL, rtol=0)
     model.save_pretrained(tmp_path / "pesc-only")
@@ -200,7 +200,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
         model.zero_grad()
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in adapter_params(model).items()})
-    assert all(g.abs().sum() > 0 for n, g in grads[0].items() if "lora_pesc_router" in n)
+    assert all(g.abs().sum() > 0 for n, g in grads[0].items() if "pesc_router" in n)
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
 

@@ -18,9 +18,10 @@
 # above. Changes from upstream, each marked "esft-peft:" below:
 #   1. diffusers (only needed for Stable Diffusion tests) is not a dependency: a placeholder class stands in for
 #      StableDiffusionPipeline, so the isinstance checks are simply False.
-#   2. The mixed-adapter-batch tests also accept ESFTConfig (upstream gates them to the methods that support
-#      `adapter_names`: LoRA and RoAD; ESFT supports it too).
-# Everything else is verbatim; it is wired to ESFT in tests/test_peft_conformance.py.
+#   2. The mixed-adapter-batch tests also accept ESFTConfig and PESCConfig (upstream gates them to the methods that support
+#      `adapter_names`: LoRA and RoAD; ESFT and PESC support it too).
+# Everything else is verbatim; it is wired to ESFT in tests/test_peft_conformance.py and to PESC in
+# tests/test_peft_conformance_pesc.py.
 import copy
 import json
 import os
@@ -84,7 +85,7 @@ from peft.utils import (
     infer_device,
 )
 
-from esft_peft import ESFTConfig  # esft-peft: change 2
+from esft_peft import ESFTConfig, PESCConfig  # esft-peft: change 2
 
 from .testing_utils import get_state_dict, hub_online_once
 
@@ -862,7 +863,7 @@ class PeftCommonTester:
 
     def _test_mixed_adapter_batches(self, model_id, config_cls, config_kwargs):
         # Test for mixing different adapters in a single batch by passing the adapter_names argument
-        if config_cls not in (LoraConfig, RoadConfig, ESFTConfig):  # esft-peft: change 2
+        if config_cls not in (LoraConfig, RoadConfig, ESFTConfig, PESCConfig):  # esft-peft: change 2
             pytest.skip(f"Mixed adapter batches not supported for {config_cls}")
 
         config = config_cls(
@@ -925,7 +926,7 @@ class PeftCommonTester:
     def _test_generate_with_mixed_adapter_batches_and_beam_search(self, model_id, config_cls, config_kwargs):
         # Test generating with beam search and with mixing different adapters in a single batch by passing the
         # adapter_names argument. See #2283.
-        if config_cls not in (LoraConfig, ESFTConfig):  # esft-peft: change 2
+        if config_cls not in (LoraConfig, ESFTConfig, PESCConfig):  # esft-peft: change 2
             # note: RoAD supports mixed adapter batches but not beam search
             pytest.skip(f"Mixed adapter batches not supported for {config_cls}")
         if config_kwargs.get("alora_invocation_tokens") is not None:

@@ -47,12 +47,14 @@ def adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, torch.T
     for name, module in model.named_modules():
         if not isinstance(module, BaseTunerLayer):
             continue
+        registered = {id(child): child_name for child_name, child in module.named_children()}
         for container_name in module.adapter_layer_names:
             container = getattr(module, container_name, None)
             if not isinstance(container, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in container:
                 continue
             item = container[adapter_name]
-            prefix = f"{name}.{container_name}.{adapter_name}"
+            # the name the container is registered under (PESC registers LoRA's lora_A as pesc_lora_A)
+            prefix = f"{name}.{registered.get(id(container), container_name)}.{adapter_name}"
             if isinstance(item, nn.Module):
                 found.update({f"{prefix}.{key}": value for key, value in item.state_dict(keep_vars=True).items()})
             else:

@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 from ..errors import UnsupportedLayoutError
 from .base import Deltas, ExpertsLayout, RecordRouting, crafts_experts
 
-ROUTER_CONTAINER = "lora_pesc_router"  # the crafted layer's ModuleDict: adapter name -> router
+ROUTER_CONTAINER = "pesc_router"  # the crafted layer's ModuleDict: adapter name -> router
 
 
 def active_router(layer: nn.Module, where: str = "") -> nn.Module:

@@ -13,27 +13,16 @@ it computes in a batch of the samples that use its adapter.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ...moe.discovery import find_moe_layers
+from ..mixed_batch_common import BASE_ADAPTER, beam_expanded
+from ..mixed_batch_common import check_adapter_names as _check_names
 from .layer import ESFTLayer
-
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in adapter_names
-
-
-def _check_names(adapter_names: Any, known: set[str]) -> list[str]:
-    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
-        raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
-    if not all(isinstance(name, str) for name in adapter_names):
-        raise TypeError(f"Got adapter names {list(adapter_names)!r}, expected a list of str.")
-    unexpected = {name for name in adapter_names if name != BASE_ADAPTER} - known
-    if unexpected:
-        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(map(str, unexpected)))}")
-    return list(adapter_names)
 
 
 def _scopes(model: nn.Module) -> dict[nn.Module, list[ESFTLayer]]:
@@ -154,7 +143,7 @@ def mixed_adapter_batch(
         )
     names_by_batch = {len(names): names}
     if isinstance(num_beams, int) and num_beams > 1:
-        names_by_batch[len(names) * num_beams] = [name for name in names for _ in range(num_beams)]
+        names_by_batch[len(names) * num_beams] = beam_expanded(names, num_beams)
     replaced: list[tuple[nn.Module, Optional[Callable]]] = []
     handles = []
     try:

@@ -1,9 +1,11 @@
 """PESC adapter files: the saved keys, their up-front shape check, and import of the authors' checkpoint layout.
 
 esft-peft's ``adapter_model.safetensors`` holds, per upcycled MLP ``<mlp>`` (e.g.
-``base_model.model.model.layers.3.mlp``): ``<mlp>.lora_pesc_router.weight`` (E, H), ``<mlp>.lora_pesc_down``
-(E, d, H) and ``<mlp>.lora_pesc_up`` (E, H, d); with the LoRA part also peft's ``<linear>.lora_A.weight`` (r, in) /
-``<linear>.lora_B.weight`` (out, r), where the linears of an upcycled MLP read ``<mlp>.base_layer.<linear>``.
+``base_model.model.model.layers.3.mlp``): ``<mlp>.pesc_router.weight`` (E, H), ``<mlp>.pesc_down``
+(E, d, H) and ``<mlp>.pesc_up`` (E, H, d); with the LoRA part also ``<linear>.pesc_lora_A.weight`` (r, in) /
+``<linear>.pesc_lora_B.weight`` (out, r) (peft's LoRA layers, their containers registered under the prefix), where
+the linears of an upcycled MLP read ``<mlp>.base_layer.<linear>``. Releases before the ``pesc_`` prefix wrote
+``lora_pesc_*``, ``lora_A`` and ``lora_B``; those files still load (``PESCModel._remap_adapter_state_dict_for_load``).
 
 The authors' code (wuhy68/Parameter-Efficient-MoE) saves ``moe_model.bin``, a pickle of
 ``...layers.{l}.mlp.moe_adapter.router.weight`` (E, H) and ``...moe_adapter.experts.expert_{j}.adapter_down.weight``
@@ -134,8 +136,8 @@ def load_official_pesc(
     with torch.no_grad():
         for layer, entry in layers.items():
             module = crafted[layer]
-            router, down, up = module.lora_pesc_router[adapter_name].weight, module.lora_pesc_down[adapter_name], \
-                module.lora_pesc_up[adapter_name]
+            router, down, up = module.pesc_router[adapter_name].weight, module.pesc_down[adapter_name], \
+                module.pesc_up[adapter_name]
             values = {
                 "router": entry["router"],
                 "down": torch.stack([entry["down"][j] for j in range(num_experts)]),

@@ -59,6 +59,9 @@ class PESCConfig(PeftConfig):
         lora_r: Rank of the paper's LoRA part on the dense linears (0, the default, turns it off).
         lora_alpha: LoRA scaling numerator (the paper: 16 with r=64).
         lora_dropout: LoRA dropout (the paper: 0.1).
+        init_weights: True (default): the paper's initialisation, ``U = 0`` and LoRA's ``B = 0``, so that a fresh
+            adapter reproduces the dense model exactly. False: ``U`` and ``B`` random too (peft's convention, for
+            tests that need a fresh adapter to change the outputs).
         lora_target_modules: Linears that get LoRA: module-name suffixes, a regex, or ``"all-linear"`` (default:
             every linear of the decoder layers, attention and MLP, as in the paper).
         base_model_type: ``model_type`` of the base the adapter was created on (filled at injection).
@@ -84,12 +87,17 @@ class PESCConfig(PeftConfig):
     lora_target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "linears that get LoRA (default: all linears of the decoder layers)"}
     )
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: the paper's init, U = 0 (identity); False: random U and LoRA B (tests)"}
+    )
     base_model_type: Optional[str] = field(default=None, metadata={"help": "filled at injection"})
     base_shapes: Optional[dict[str, Any]] = field(default=None, metadata={"help": "filled at injection"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType(PEFT_TYPE_NAME)
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"`init_weights` must be True (identity at creation) or False, got {self.init_weights!r}.")
         for name in ("num_experts", "top_k", "adapter_dim", "lora_r"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):

@@ -20,6 +20,7 @@ from torch import nn
 from ...moe.errors import UnsupportedLayoutError
 from ...moe.layouts.base import inverse_permutation, permute_rows
 from ...moe.layouts.pesc import ROUTER_CONTAINER
+from ..mixed_batch_common import BASE_ADAPTER
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +29,9 @@ try:  # private transformers API (its grouped-matmul dispatch and fallback); gua
 except ImportError:  # pragma: no cover - depends on the installed transformers
     _grouped_mm = None
 
-# The adapter parameters' containers; saved keys read ``<mlp>.lora_pesc_router.weight``, ``<mlp>.lora_pesc_down``,
-# ``<mlp>.lora_pesc_up`` once peft has removed the adapter name.
-ROUTER, DOWN, UP = ROUTER_CONTAINER, "lora_pesc_down", "lora_pesc_up"
+# The adapter parameters' containers; saved keys read ``<mlp>.pesc_router.weight``, ``<mlp>.pesc_down``,
+# ``<mlp>.pesc_up`` once peft has removed the adapter name (releases before 0.3 wrote ``lora_pesc_*``).
+ROUTER, DOWN, UP = ROUTER_CONTAINER, "pesc_down", "pesc_up"
 
 
 def _fits_grouped_kernel(rows: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -93,25 +94,26 @@ class PESCRouter(nn.Linear):
 class PESCLayer(nn.Module, BaseTunerLayer):
     """Wraps a dense MLP; holds per adapter a router and ``num_experts`` adapter experts.
 
-    ``lora_pesc_router[a]``: :class:`PESCRouter`; ``lora_pesc_down[a]``: (E, d, H); ``lora_pesc_up[a]``: (E, H, d),
-    zero at creation. Several active adapters add their outputs. The routing of the last forward is kept per adapter
-    (``lora_pesc_routing``) for the load-balancing loss.
+    ``pesc_router[a]``: :class:`PESCRouter`; ``pesc_down[a]``: (E, d, H); ``pesc_up[a]``: (E, H, d),
+    zero at creation (random with ``init_weights=False``). Several active adapters add their outputs. Like peft's
+    layers it exposes ``in_features``/``out_features`` (both the MLP's hidden size) and accepts ``adapter_names=``
+    (one adapter per sample; ``"__base__"``: none).
     """
 
     adapter_layer_names = (ROUTER, DOWN, UP)
     crafts_experts = True  # discovery (esft_peft.moe) sees this layer as an MoE layer
-    other_param_names = ("lora_pesc_dropout", "lora_pesc_scaling", "lora_pesc_routing")
+    other_param_names = ("pesc_dropout", "pesc_scaling")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, hidden_size: int, **settings: Any) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.hidden_size = hidden_size
-        self.lora_pesc_router = nn.ModuleDict()
-        self.lora_pesc_down = nn.ParameterDict()
-        self.lora_pesc_up = nn.ParameterDict()
-        self.lora_pesc_dropout = nn.ModuleDict()
-        self.lora_pesc_scaling: dict[str, float] = {}
-        self.lora_pesc_routing: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.in_features = self.out_features = hidden_size
+        self.pesc_router = nn.ModuleDict()
+        self.pesc_down = nn.ParameterDict()
+        self.pesc_up = nn.ParameterDict()
+        self.pesc_dropout = nn.ModuleDict()
+        self.pesc_scaling: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.update_layer(adapter_name, **settings)
@@ -136,16 +138,17 @@ class PESCLayer(nn.Module, BaseTunerLayer):
         router = PESCRouter(hidden, num_experts, top_k, **factory)
         down = torch.empty(num_experts, adapter_dim, hidden, **factory)
         up = torch.zeros(num_experts, hidden, adapter_dim, **factory)
-        if init_weights:  # as train_moe.py: kaiming_uniform(a=sqrt(5)) per expert matrix, U = 0
-            for expert in range(num_experts):
-                nn.init.kaiming_uniform_(down[expert], a=math.sqrt(5))
-        else:
-            nn.init.zeros_(down)
-        self.lora_pesc_router[adapter_name] = router
-        self.lora_pesc_down[adapter_name] = nn.Parameter(down)
-        self.lora_pesc_up[adapter_name] = nn.Parameter(up)
-        self.lora_pesc_dropout[adapter_name] = nn.Dropout(adapter_dropout) if adapter_dropout > 0 else nn.Identity()
-        self.lora_pesc_scaling[adapter_name] = adapter_scaling
+        # as train_moe.py: kaiming_uniform(a=sqrt(5)) per expert matrix, U = 0 (the identity); init_weights=False
+        # (peft's convention for tests) draws U the same way, so that a fresh adapter changes the outputs
+        for expert in range(num_experts):
+            nn.init.kaiming_uniform_(down[expert], a=math.sqrt(5))
+            if not init_weights:
+                nn.init.kaiming_uniform_(up[expert], a=math.sqrt(5))
+        self.pesc_router[adapter_name] = router
+        self.pesc_down[adapter_name] = nn.Parameter(down)
+        self.pesc_up[adapter_name] = nn.Parameter(up)
+        self.pesc_dropout[adapter_name] = nn.Dropout(adapter_dropout) if adapter_dropout > 0 else nn.Identity()
+        self.pesc_scaling[adapter_name] = adapter_scaling
         self.set_adapter(self.active_adapters)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
@@ -156,7 +159,7 @@ class PESCLayer(nn.Module, BaseTunerLayer):
                 container[adapter_name] = container[adapter_name].to(target)
 
     def num_experts(self, adapter_name: str) -> int:
-        return self.lora_pesc_router[adapter_name].out_features
+        return self.pesc_router[adapter_name].out_features
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise ValueError(
@@ -171,10 +174,14 @@ class PESCLayer(nn.Module, BaseTunerLayer):
     def _active(self) -> list[str]:
         if self.disable_adapters:
             return []
-        return [name for name in self.active_adapters if name in self.lora_pesc_router]
+        return [name for name in self.active_adapters if name in self.pesc_router]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any
+    ) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None and not self.disable_adapters:
+            return self._mixed_batch_forward(x, result, adapter_names)
         active = self._active()
         if not active:
             return result
@@ -185,12 +192,30 @@ class PESCLayer(nn.Module, BaseTunerLayer):
             delta = out if delta is None else delta + out
         return result + delta.to(result.dtype).view_as(result)
 
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """Sample ``i`` gets adapter ``adapter_names[i]`` (``"__base__"`` or an adapter this layer lacks: none). The
+        layer is token-wise (routing included), so the rows of one adapter's samples compute exactly what they
+        compute in a batch of those samples alone."""
+        if x.dim() < 2 or len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {x.shape[0] if x.dim() else 0} respectively."
+            )
+        out = result.clone()
+        for adapter in dict.fromkeys(adapter_names):
+            if adapter == BASE_ADAPTER or adapter not in self.pesc_router:
+                continue
+            rows = torch.tensor([i for i, name in enumerate(adapter_names) if name == adapter], device=x.device)
+            sub_x, sub_h = x[rows], result[rows]
+            delta = self._adapter_output(adapter, sub_x.reshape(-1, x.shape[-1]), sub_h.reshape(-1, sub_h.shape[-1]))
+            out[rows] = sub_h + delta.to(result.dtype).view_as(sub_h)
+        return out
+
     def _adapter_output(self, adapter: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """``sum_k w_k * s * U_{e_k} gelu(D_{e_k} dropout(h))`` for every token (rows of ``x``/``h``)."""
-        router, down, up = self.lora_pesc_router[adapter], self.lora_pesc_down[adapter], self.lora_pesc_up[adapter]
+        router, down, up = self.pesc_router[adapter], self.pesc_down[adapter], self.pesc_up[adapter]
         dtype = down.dtype
         logits, weights, index = router(x.to(dtype))
-        self.lora_pesc_routing[adapter] = (logits, index)
         num_tokens, top_k = index.shape
         pairs = index.reshape(-1)
         order = torch.argsort(pairs, stable=True)  # (token, slot) pairs grouped by expert
@@ -198,13 +223,13 @@ class PESCLayer(nn.Module, BaseTunerLayer):
         counts = torch.bincount(pairs, minlength=down.shape[0])
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         rows = h.to(dtype).unsqueeze(1).expand(num_tokens, top_k, h.shape[-1]).reshape(-1, h.shape[-1])
-        rows = self.lora_pesc_dropout[adapter](permute_rows(rows, order, inverse))
+        rows = self.pesc_dropout[adapter](permute_rows(rows, order, inverse))
         # w_k * s scales the d-wide bottleneck rather than the H-wide output (U is linear): the same sum, less work
-        gates = permute_rows(weights.reshape(-1) * self.lora_pesc_scaling[adapter], order, inverse)
+        gates = permute_rows(weights.reshape(-1) * self.pesc_scaling[adapter], order, inverse)
         hidden = F.gelu(grouped_mm(rows, down.transpose(-2, -1), offsets)) * gates.unsqueeze(-1)
         out = permute_rows(grouped_mm(hidden, up.transpose(-2, -1), offsets), inverse, order)
         return out.view(num_tokens, top_k, -1).sum(dim=1)
 
     def __repr__(self) -> str:
-        experts = {name: self.num_experts(name) for name in self.lora_pesc_router}
+        experts = {name: self.num_experts(name) for name in self.pesc_router}
         return f"pesc.{type(self).__name__}(experts={experts})\n  ({self.get_base_layer()!r})"

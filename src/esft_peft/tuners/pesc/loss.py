@@ -9,7 +9,9 @@ transformers 4.36's Mixtral function, whose softmax over the top-k values made `
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from contextvars import ContextVar
+from functools import partial
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,7 @@ from .layer import PESCLayer
 
 logger = logging.getLogger(__name__)
 
-HOOK_ATTRIBUTE = "_pesc_aux_loss_hook"
+RECORD_ATTRIBUTE = "_pesc_routing_record"
 
 
 def load_balancing_loss(
@@ -49,70 +51,133 @@ def _mask(attention_mask: Optional[torch.Tensor], tokens: int) -> Optional[torch
     return flat if flat.shape[0] == tokens else None
 
 
-def router_aux_loss(
-    model: nn.Module, attention_mask: Optional[torch.Tensor] = None, coefficients: Optional[dict[str, float]] = None
-) -> Optional[torch.Tensor]:
-    """The load-balancing loss of the last forward pass of ``model`` (any model holding PESC layers: a PeftModel, a
-    PESCModel, or a transformers model after ``load_adapter``): per active adapter, ``router_aux_loss_coef`` times
-    the mean over upcycled layers of :func:`load_balancing_loss`, summed over adapters.
+class RoutingRecord:
+    """The routing of one forward of a model: per adapter, (router logits (T, E), top-k index (T, k), whether the
+    router trains) of each upcycled layer, in call order. Filled by forward hooks on the routers (as transformers
+    records router logits) while the model's forward runs, cleared when it starts; nothing is kept on the layers."""
 
-    Add it to your loss in custom loops (``PeftModel`` forwards already add it to ``outputs.loss`` when labels are
-    given). ``attention_mask`` (B, S) leaves padding out. ``coefficients`` (adapter -> alpha) overrides the configs'.
-    Returns None when no routing was recorded (no PESC layer ran) or every coefficient is 0.
-    """
-    configs = getattr(model, "peft_config", {}) or {}
-    per_adapter: dict[str, list[torch.Tensor]] = {}
-    warned = False
+    def __init__(self) -> None:
+        self.routing: dict[str, list[tuple[torch.Tensor, torch.Tensor, bool]]] = {}
+
+
+_RECORDING: ContextVar[Optional[RoutingRecord]] = ContextVar("pesc_routing_record", default=None)
+
+
+def _record_routing(adapter: str, router: nn.Module, args: tuple, output: tuple) -> None:
+    record = _RECORDING.get()
+    if record is not None:  # outside a model forward (e.g. recomputation for checkpointing in backward): skipped
+        logits, _, index = output
+        record.routing.setdefault(adapter, []).append((logits, index, router.weight.requires_grad))
+
+
+def _start_recording(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    record = vars(model).get(RECORD_ATTRIBUTE)
+    if record is not None:
+        record.routing = {}
+        _RECORDING.set(record)
+
+
+def _watched(module: nn.Module, hook: Callable) -> bool:
+    hooks = {**module._forward_pre_hooks, **module._forward_hooks}.values()
+    return any(getattr(h, "func", h) is hook for h in hooks)
+
+
+def routing_record(model: nn.Module) -> Optional[RoutingRecord]:
+    """The routing record of ``model`` (a PeftModel, a PESCModel or a transformers model holding PESC layers)."""
     for module in model.modules():
-        if not isinstance(module, PESCLayer):
+        record = vars(module).get(RECORD_ATTRIBUTE)
+        if record is not None:
+            return record
+    return None
+
+
+def aux_loss_of_record(
+    record: Optional[RoutingRecord],
+    configs: dict[str, Any],
+    adapter_names: Optional[list[str]] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    coefficients: Optional[dict[str, float]] = None,
+) -> Optional[torch.Tensor]:
+    """Per adapter, ``router_aux_loss_coef`` times the mean over upcycled layers of :func:`load_balancing_loss` on the
+    recorded routing, summed over ``adapter_names`` (default: every adapter that routed). None when nothing counts."""
+    if record is None:
+        return None
+    total = None
+    warned = False
+    for adapter, calls in record.routing.items():
+        if adapter_names is not None and adapter not in adapter_names:
             continue
-        for adapter in module._active():
-            routing = module.lora_pesc_routing.get(adapter)
-            if routing is None:
-                continue
-            logits, index = routing
-            needs_grad = torch.is_grad_enabled() and module.lora_pesc_router[adapter].weight.requires_grad
-            if needs_grad and not logits.requires_grad and not warned:
+        if coefficients is not None and adapter in coefficients:
+            alpha = coefficients[adapter]
+        else:
+            alpha = getattr(configs.get(adapter), "router_aux_loss_coef", 0.0)
+        if alpha == 0 or not calls:
+            continue
+        losses = []
+        for logits, index, trainable in calls:
+            if torch.is_grad_enabled() and trainable and not logits.requires_grad and not warned:
                 logger.warning(
                     "The PESC router logits carry no gradient (reentrant gradient checkpointing runs the forward "
                     "without autograd), so the load-balancing loss cannot train the routers. Use "
                     "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default)."
                 )
                 warned = True
-            mask = _mask(attention_mask, len(index))
-            per_adapter.setdefault(adapter, []).append(load_balancing_loss(logits, index, mask))
-    total = None
-    for adapter, losses in per_adapter.items():
-        if coefficients is not None and adapter in coefficients:
-            alpha = coefficients[adapter]
-        else:
-            alpha = getattr(configs.get(adapter), "router_aux_loss_coef", 0.0)
-        if alpha == 0:
-            continue
+            losses.append(load_balancing_loss(logits, index, _mask(attention_mask, len(index))))
         term = alpha * torch.stack(losses).mean()
         total = term if total is None else total + term
     return total
 
 
-def _add_aux_loss(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+def router_aux_loss(
+    model: nn.Module, attention_mask: Optional[torch.Tensor] = None, coefficients: Optional[dict[str, float]] = None
+) -> Optional[torch.Tensor]:
+    """The load-balancing loss of the last forward pass of ``model`` (any model holding PESC layers: a PeftModel, a
+    PESCModel, or a transformers model after ``load_adapter``): per adapter that routed, ``router_aux_loss_coef``
+    times the mean over upcycled layers of :func:`load_balancing_loss`, summed over adapters.
+
+    The same as ``PESCModel._get_router_aux_loss``. Add it to your loss in custom loops (``PeftModel`` forwards
+    already add it to ``outputs.loss`` when labels are given). ``attention_mask`` (B, S) leaves padding out.
+    ``coefficients`` (adapter -> alpha) overrides the configs'. Returns None when no routing was recorded (no PESC
+    layer ran) or every coefficient is 0.
+    """
+    return aux_loss_of_record(
+        routing_record(model), getattr(model, "peft_config", {}) or {}, attention_mask=attention_mask,
+        coefficients=coefficients,
+    )
+
+
+def attach_routing_record(model: nn.Module, aux_loss: Callable[..., Optional[torch.Tensor]]) -> None:
+    """Record the routing of every forward of ``model`` and add ``aux_loss(model, attention_mask=...)`` to
+    ``outputs.loss`` whenever labels are passed (as keyword arguments, as Trainer and peft do), however ``model`` is
+    called: through any PeftModel class or directly (after transformers' ``load_adapter``). Idempotent; routers
+    added since the last call are watched too. The hooks are module-level functions, so a deep copy of the model
+    records into its own copy of the record."""
+    if RECORD_ATTRIBUTE not in vars(model):
+        model.__dict__[RECORD_ATTRIBUTE] = RoutingRecord()
+    if not _watched(model, _start_recording):
+        model.register_forward_pre_hook(_start_recording, with_kwargs=True)
+        model.register_forward_hook(partial(_add_aux_loss, aux_loss=aux_loss), with_kwargs=True)
+    for module in model.modules():
+        if isinstance(module, PESCLayer):
+            for adapter, router in module.pesc_router.items():
+                if not _watched(router, _record_routing):
+                    router.register_forward_hook(partial(_record_routing, adapter))
+
+
+def _add_aux_loss(model: nn.Module, args: tuple, kwargs: dict, output: Any, aux_loss: Callable) -> Any:
+    _RECORDING.set(None)
     loss = getattr(output, "loss", None)
     if kwargs.get("labels") is None or loss is None:
         return None
-    aux = router_aux_loss(model, attention_mask=kwargs.get("attention_mask"))
+    aux = aux_loss(model, attention_mask=kwargs.get("attention_mask"))
     if aux is not None:
         output.loss = loss + aux.to(loss.dtype)
     return output
 
 
-def attach_aux_loss(model: nn.Module) -> None:
-    """Make ``model``'s forward add :func:`router_aux_loss` to ``outputs.loss`` whenever labels are passed (as keyword
-    arguments, as Trainer and peft do), however it is called: through any PeftModel class or directly (after
-    transformers' ``load_adapter``). Idempotent."""
-    if getattr(model, HOOK_ATTRIBUTE, None) is None:
-        setattr(model, HOOK_ATTRIBUTE, model.register_forward_hook(_add_aux_loss, with_kwargs=True))
-
-
-def detach_aux_loss(model: nn.Module) -> None:
-    handle = vars(model).pop(HOOK_ATTRIBUTE, None)
-    if handle is not None:
-        handle.remove()
+def detach_routing_record(model: nn.Module) -> None:
+    """Remove what :func:`attach_routing_record` added to ``model`` (the routers leave with their layers)."""
+    vars(model).pop(RECORD_ATTRIBUTE, None)
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, h in hooks.items() if getattr(h, "func", h) in (_start_recording, _add_aux_loss)]:
+            del hooks[key]

@@ -4,23 +4,30 @@ optional LoRA part on the dense linears (peft's own LoRA layers, bitsandbytes in
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, Iterator, Optional
 
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import BaseTuner, get_device_map
-from peft.utils import _get_submodules
+from peft.utils import AuxiliaryTrainingWrapper, _get_submodules
 from torch import nn
 
+from ..mixed_batch_common import beam_expanded, check_adapter_names
 from ..saved_checks import SavedTensorChecks
 from .config import ALL_LINEAR, PESCConfig
 from .layer import PESCLayer, require_grouped_mm
-from .loss import attach_aux_loss, detach_aux_loss, router_aux_loss
-from .targets import MLPTarget, plan_targets
+from .loss import attach_routing_record, aux_loss_of_record, detach_routing_record, routing_record
+from .targets import MLPTarget, Plan, plan_targets
 
 logger = logging.getLogger(__name__)
 
-PLAN_ATTRIBUTE = "_pesc_plan"
+# saved key segment -> today's, for files of releases before the pesc_ prefix
+LEGACY_SEGMENTS = {"lora_pesc_router": "pesc_router", "lora_pesc_down": "pesc_down", "lora_pesc_up": "pesc_up",
+                   "lora_A": "pesc_lora_A", "lora_B": "pesc_lora_B"}
+# the LoRA part's containers (peft's LoRA layers) -> their registered names under PESC's prefix
+LORA_SEGMENTS = {"lora_A": "pesc_lora_A", "lora_B": "pesc_lora_B"}
 NO_MERGE = (
     "A PESC adapter cannot be merged into the dense weights: every token is routed to its own adapter experts, so no "
     "single weight matrix reproduces the crafted layers. Keep the adapter loaded for inference; merge_lora() folds "
@@ -33,7 +40,33 @@ def lora_config_of(config: PESCConfig) -> LoraConfig:
     return LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.lora_target_modules or ALL_LINEAR, inference_mode=config.inference_mode,
+        init_lora_weights=config.init_weights,
     )
+
+
+def _renamed(key: str, segments: dict[str, str]) -> str:
+    return ".".join(segments.get(part, part) for part in key.split("."))
+
+
+def legacy_key(key: str) -> str:
+    """A saved key of a release before the ``pesc_`` prefix (``<mlp>.lora_pesc_down``, ``<linear>.lora_A.weight``)
+    in today's form."""
+    return _renamed(key, LEGACY_SEGMENTS)
+
+
+def own_lora_containers(layer: LoraLayer) -> None:
+    """Register a LoRA layer's ``lora_A``/``lora_B`` under PESC's prefix (``pesc_lora_A``/``pesc_lora_B``): parameter
+    names, saved keys and transformers' loading (which names weights by the method's prefix) then all read ``pesc_``.
+    peft's LoRA code keeps reaching the same ModuleDicts as ``layer.lora_A``/``layer.lora_B`` (plain attributes)."""
+    for name, own in LORA_SEGMENTS.items():
+        if name in layer._modules:
+            container = layer._modules.pop(name)
+            layer._modules[own] = container
+            layer.__dict__[name] = container
+
+
+def _inject_names(module: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
+    return args, {**kwargs, "adapter_names": names}
 
 
 class PESCModel(SavedTensorChecks, BaseTuner):
@@ -41,24 +74,33 @@ class PESCModel(SavedTensorChecks, BaseTuner):
     linears. Use it through peft: ``get_peft_model(model, PESCConfig(num_experts=8, top_k=2, adapter_dim=64))``.
     """
 
-    # One prefix for every container a PESC adapter saves (peft's lora_A/lora_B and lora_pesc_*): transformers'
-    # load_adapter inserts the adapter name after key segments that start with the method's prefix, so the LoRA part
-    # and the adapter experts must share it. peft's "lora_" is taken; "lora" is not.
-    prefix: str = "lora"
+    prefix: str = "pesc_"
     tuner_layer_cls = (PESCLayer, LoraLayer)  # set_adapter/delete_adapter reach both kinds of layers
     target_module_mapping: dict[str, list[str]] = {}
 
-    def _prepare_adapter_config(self, peft_config: PESCConfig, model_config: dict) -> PESCConfig:
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """Plan the adapter's targets (one plan per adapter, kept on the tuner; the config stays plain data), then
+        let peft inject it."""
         require_grouped_mm()
-        setattr(peft_config, PLAN_ATTRIBUTE, plan_targets(self.model, peft_config))
-        return peft_config
+        plans: dict[str, Plan] = vars(self).setdefault("plans", {})  # set before BaseTuner.__init__ returns
+        plans[adapter_name] = plan_targets(model, self.peft_config[adapter_name])
+        self._injecting = adapter_name  # the adapter whose plan _check_target_module_exists reads
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finally:
+            self._injecting = None
+        # record routing for the aux loss (also on this path: inject_adapter_in_model, where no tuner outlives it)
+        attach_routing_record(model, self._model_aux_loss)
+
+    def _prepare_adapter_config(self, peft_config: PESCConfig, model_config: dict) -> PESCConfig:
+        return peft_config  # targets come from the adapter's plan (inject_adapter), not from peft's mapping
 
     def _check_target_module_exists(self, peft_config: PESCConfig, key: str) -> bool:
-        plan = getattr(peft_config, PLAN_ATTRIBUTE)
+        plan = self.plans[self._injecting]
         return key in plan.mlps or (key in plan.lora and plan.lora[key] is None)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **_) -> None:
-        plan = getattr(peft_config, PLAN_ATTRIBUTE)
+        plan = self.plans[adapter_name]
         if current_key not in plan.mlps:
             self._add_lora(peft_config, adapter_name, current_key)
             return
@@ -75,9 +117,9 @@ class PESCModel(SavedTensorChecks, BaseTuner):
             adapter_scaling=config.adapter_scaling, adapter_dropout=config.adapter_dropout,
         )
         if isinstance(target, PESCLayer):
-            target.update_layer(adapter_name, **settings)
+            target.update_layer(adapter_name, init_weights=config.init_weights, **settings)
             return
-        new_module = PESCLayer(target, adapter_name, spec.hidden_size, **settings)
+        new_module = PESCLayer(target, adapter_name, spec.hidden_size, init_weights=config.init_weights, **settings)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         setattr(parent, target_name, new_module)
@@ -87,7 +129,7 @@ class PESCModel(SavedTensorChecks, BaseTuner):
         parent, target, target_name = _get_submodules(self.model, key)
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, config.lora_r, lora_alpha=config.lora_alpha, config=lora_config,
-                                target_name=key)
+                                init_lora_weights=config.init_weights, target_name=key)
             return
         kwargs = {
             "r": config.lora_r, "lora_alpha": config.lora_alpha, "target_name": key,
@@ -97,6 +139,7 @@ class PESCModel(SavedTensorChecks, BaseTuner):
         new_module = LoraModel._create_new_module(
             lora_config, adapter_name, target, device_map=get_device_map(self.model), **kwargs
         )
+        own_lora_containers(new_module)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         setattr(parent, target_name, new_module)
@@ -105,12 +148,57 @@ class PESCModel(SavedTensorChecks, BaseTuner):
         # peft's version copies `child.weight` onto unwrapped modules; an MLP has none.
         setattr(parent, child_name, new_module)
 
-    def _post_injection_hook(self, model: nn.Module, config: PESCConfig, adapter_name: str) -> None:
-        attach_aux_loss(model)  # also reached by inject_adapter_in_model (transformers' load_adapter)
+    @staticmethod
+    def _model_aux_loss(model: nn.Module, attention_mask: Optional[Any] = None):
+        """What the forward hook adds to ``outputs.loss``: :meth:`_get_router_aux_loss` of ``model``."""
+        return aux_loss_of_record(routing_record(model), getattr(model, "peft_config", {}) or {},
+                                  attention_mask=attention_mask)
+
+    def _get_router_aux_loss(self, adapter_names: Optional[list[str]] = None, attention_mask: Optional[Any] = None):
+        """The load-balancing loss ``sum_a alpha_a * mean_layers(E * sum_i f_i * P_i)`` of the last forward, over
+        ``adapter_names`` (default: every adapter that routed), as LoRA exposes its extra losses (e.g.
+        ``_get_kasa_loss``). The forward adds it to ``outputs.loss`` when labels are given; call it in custom loops.
+        ``attention_mask`` (B, S) leaves padding out. None when nothing was routed or every coefficient is 0."""
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        return aux_loss_of_record(routing_record(self.model), self.peft_config, adapter_names, attention_mask)
 
     def router_aux_loss(self, attention_mask: Optional[Any] = None):
-        """The load-balancing loss of the last forward (see :func:`esft_peft.tuners.pesc.loss.router_aux_loss`)."""
-        return router_aux_loss(self, attention_mask=attention_mask)
+        """The load-balancing loss of the last forward: :meth:`_get_router_aux_loss` of every adapter that routed."""
+        return self._get_router_aux_loss(attention_mask=attention_mask)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Adapters saved before PESC had its own prefix keep loading: ``lora_pesc_*`` keys read as ``pesc_*``."""
+        state_dict = {legacy_key(key): value for key, value in state_dict.items()}
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.plans.pop(adapter_name, None)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """peft calls this around forward/generate: ``adapter_names=[...]`` runs sample ``i`` with adapter
+        ``adapter_names[i]`` (``"__base__"``: none), as peft's LoRA does: every PESC layer, LoRA layer of the LoRA
+        part and ``modules_to_save`` wrapper gets the names and splits its rows by sample."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        names = beam_expanded(check_adapter_names(adapter_names, set(self.peft_config)), kwargs.get("num_beams"))
+        handles = []
+        try:
+            for module in self.modules():
+                if isinstance(module, (PESCLayer, LoraLayer, AuxiliaryTrainingWrapper)):
+                    handles.append(module.register_forward_pre_hook(partial(_inject_names, names=names),
+                                                                    with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # ------------------------------------------------------------------------------------------------ merging
 
@@ -153,7 +241,7 @@ class PESCModel(SavedTensorChecks, BaseTuner):
             for name in reversed(layers):
                 parent, layer, child_name = _get_submodules(self.model, name)
                 setattr(parent, child_name, layer.get_base_layer())
-        detach_aux_loss(self.model)
+        detach_routing_record(self.model)
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model

@@ -52,7 +52,12 @@ def clean_name(name: str) -> str:
 
 
 def _linears(module: nn.Module) -> list[nn.Module]:
-    return [unwrap(m) for m in module.modules() if isinstance(unwrap(m), nn.Linear)]
+    """The base model's linears inside ``module``, in order: a tuner layer counts as the layer it wraps, and its own
+    modules (a LoRA layer's ``lora_A``/``lora_B``, a PESC layer's routers) are not the base model's."""
+    base = unwrap(module)
+    if isinstance(base, nn.Linear):
+        return [base]
+    return [linear for child in base.children() for linear in _linears(child)]
 
 
 def _is_mlp(module: nn.Module) -> bool:
@@ -114,7 +119,7 @@ def _select_mlps(model: nn.Module, config: PESCConfig) -> dict[str, str]:
     else:
         chosen = {}
         for name in modules:
-            if name and BASE_LAYER not in name and ".lora_pesc_" not in name and _matches(name, config.target_modules):
+            if name and BASE_LAYER not in name and ".pesc_" not in name and _matches(name, config.target_modules):
                 located = layer_key_of_module(name)
                 if located is None:
                     raise ValueError(f"target_modules matched {name}, which is not inside a decoder layer.")
