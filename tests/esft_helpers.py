@@ -95,10 +95,11 @@ def reload_in_fresh_process(factory: str, runs: dict[str, tuple[str, str | None,
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# Zero adapters reproduce the base bit for bit, except gpt-oss on CPU (fp32 logits, measured at most 1.5e-8): its gate
-# runs `sigmoid` on a contiguous intermediate, whose last elements CPU kernels compute with scalar instead of vector
-# code, and ESFT's frozen and selected calls have other lengths than the base call (docs/concepts.md).
-CPU_TAIL_ATOL = {"gpt_oss": 5e-8}
+# Zero adapters reproduce the base bit for bit, except gpt-oss on CPU (fp32 logits, measured 1.5e-8 alone and 8.9e-8 in
+# a parallel test run, where torch's thread split differs): its gate runs `sigmoid` on a contiguous intermediate, whose
+# last elements CPU kernels compute with scalar instead of vector code, and ESFT's frozen and selected calls have other
+# lengths than the base call (docs/concepts.md). Asserted below 1e-6, the bound for paths that are not bit-identical.
+CPU_TAIL_ATOL = {"gpt_oss": 1e-6}
 
 
 def assert_reproduces_base(family: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
