@@ -50,7 +50,7 @@ def safetensors_keys(directory: Path) -> set[str]:
 def test_help_everywhere(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"score", "select", "train", "merge", "push", "convert", "demo"}
+    assert set(commands) == {"score", "select", "train", "merge", "push", "convert", "export-lora", "demo"}
     for argv in [["--help"]] + [[name, "--help"] for name in commands]:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

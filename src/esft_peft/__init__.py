@@ -18,6 +18,7 @@ _EXPORTS = {
     "MoELayer": ".moe.discovery",
     "find_moe_layers": ".moe.discovery",
     "NotAnMoEModelError": ".moe.errors",
+    "export_lora": ".interop.export_lora",
     "ExpertScores": ".scoring",
     "IncompatibleScoresError": ".scoring",
     "TaskComparison": ".scoring",
@@ -44,6 +45,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .moe.discovery import MoELayer, find_moe_layers
+    from .interop.export_lora import export_lora
     from .moe.errors import NotAnMoEModelError
     from .scoring import (ExpertScores, IncompatibleScoresError, TaskComparison, compare_tasks, plot_comparison,
                           plot_scores, score_experts)

@@ -37,6 +37,7 @@ EXAMPLES = """examples:
   esft-peft merge --base deepseek-ai/ESFT-vanilla-lite --adapter adapter --out merged
   esft-peft push --adapter adapter --repo my-org/my-esft-adapter
   esft-peft convert --from-official official_dir --base deepseek-ai/ESFT-vanilla-lite --out adapter
+  esft-peft export-lora --adapter adapter --out lora-adapter
   esft-peft demo --out demo_run
 """
 
@@ -197,7 +198,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer
 
-    from ..interop.hub import adapter_statistics
+    from ..interop.hub import adapter_statistics, readable_size
     from ..training import ExpertWeightDecayCallback, esft_training_arguments, gather_adapter_state_dict
     from ..tuners.esft.config import ESFTConfig
     from .train_common import save_trained_adapter, training_overrides
@@ -220,14 +221,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not Path(args.expert_config).is_file():
         raise CLIError(f"expert config not found: {args.expert_config}")
     _check_out(args, args.model, args.data, args.expert_config, args.chat_template)
-    config = ESFTConfig.from_expert_config(args.expert_config, base_model_name_or_path=model_reference(args.model))
+    if args.delta_alpha is not None and args.delta_rank is None:
+        raise CLIError("--delta-alpha sets the scale of low-rank deltas; pass --delta-rank R with it")
+    if args.delta_rank is not None and args.decay_expert_weights:
+        raise CLIError("--decay-expert-weights acts on full-rank deltas (W + delta); drop it with --delta-rank")
+    config = ESFTConfig.from_expert_config(args.expert_config, base_model_name_or_path=model_reference(args.model),
+                                           delta_rank=args.delta_rank, delta_alpha=args.delta_alpha)
     tokenizer = load_tokenizer(args.model, args.chat_template)
     dataset = training_dataset(load_records(args.data, args.split, args.limit), tokenizer, args)
     model = get_peft_model(load_model(args.model, args.dtype, args.device), config)
     stats = adapter_statistics(model)
     if int(os.environ.get("RANK", "0")) == 0:  # launched processes set RANK; Trainer's state does not exist yet
-        print(f"training {config.num_selected_experts} experts: {stats['adapter_parameters']:,} parameters "
-              f"({stats['trainable_fraction']:.2%} of the model)")
+        rank = f" at rank {config.delta_rank} (alpha {config.delta_alpha:g})" if config.delta_rank else ""
+        print(f"training {config.num_selected_experts} experts{rank}: {stats['adapter_parameters']:,} parameters "
+              f"({stats['trainable_fraction']:.2%} of the model, {readable_size(stats['adapter_bytes'])} adapter)")
     overrides: dict[str, Any] = training_overrides(args)
     if args.no_gradient_checkpointing:
         overrides["activation_checkpointing"] = False
@@ -320,6 +327,25 @@ def cmd_convert(args: argparse.Namespace) -> None:
     else:
         convert_to_official(args.to_official, base, args.out, overwrite=args.overwrite)
         print(f"esft-peft adapter {args.to_official} -> official adapter {args.out}")
+
+
+def cmd_export_lora(args: argparse.Namespace) -> None:
+    from ..interop.export_lora import error_table, export_lora
+    from ..interop.hub import readable_size
+
+    if not Path(args.adapter).is_dir():
+        raise CLIError(f"adapter directory not found: {args.adapter}")
+    _check_out(args, args.adapter, args.base)
+    base = _adapter_base(args.adapter, args.base)
+    with hub_or_local(base):
+        result = export_lora(args.adapter, args.out, rank=args.rank, max_error=args.max_error, base_model=base,
+                             skip_non_expert=args.skip_non_expert, layout=args.layout.replace("-", "_"),
+                             trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
+    quality = "exact (low-rank adapter)" if result.exact else f"max relative error {result.max_error:.2e}"
+    print(f"peft LoRA adapter -> {args.out}: rank {result.rank}, alpha {result.alpha:g}, {quality}, "
+          f"{readable_size(result.adapter_bytes)}")
+    if not result.exact:
+        print(error_table(result))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -470,6 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--decay-expert-weights", action="store_true",
                        help="weight decay pulls the trained experts' weights toward zero, as the ESFT authors' AdamW "
                        "(default: it pulls the deltas toward zero, i.e. the experts toward their base weights)")
+    train.add_argument("--delta-rank", type=_positive_int, metavar="R",
+                       help="low-rank deltas: each selected expert's matrices get (alpha / R) * B @ A (default: "
+                       "full-rank deltas)")
+    train.add_argument("--delta-alpha", type=float, metavar="ALPHA",
+                       help="scale numerator of low-rank deltas, scale = ALPHA / R (default: R, i.e. scale 1)")
     train.add_argument("--device", help="torch device (the Trainer picks one when omitted)")
     add_pesc_arguments(train)
     train.set_defaults(func=cmd_train)
@@ -510,6 +541,29 @@ def build_parser() -> argparse.ArgumentParser:
                          help="allow the base model's own code (e.g. the authors' DeepSeek-V2 remote code)")
     _add_out(convert, "DIR", "output directory (written atomically)")
     convert.set_defaults(func=cmd_convert)
+
+    export = add_command("export-lora", help="export an ESFT adapter as a peft LoRA adapter (for serving engines)",
+                         description="Write a peft LoraConfig adapter: target_parameters on fused experts (peft's "
+                         "ParamWrapper layout, zeros for unselected experts) or target_modules on ModuleList experts. "
+                         "Exact from a low-rank adapter; a full-rank adapter is truncated by SVD and the relative "
+                         "error of every expert is printed.")
+    export.add_argument("--adapter", required=True, metavar="DIR", help="esft-peft adapter directory")
+    export.add_argument("--base", metavar="MODEL",
+                        help="base model id or directory; only its config is read (default: the adapter's base)")
+    export.add_argument("--rank", type=_positive_int, metavar="R",
+                        help="LoRA rank (default: the adapter's delta rank, or for a full-rank adapter the smallest "
+                        "rank within --max-error)")
+    export.add_argument("--max-error", type=_probability, default=0.01, metavar="E",
+                        help="without --rank: the largest relative error (Frobenius) allowed for any expert")
+    export.add_argument("--skip-non-expert", action="store_true",
+                        help="leave out shared experts, routers, non-expert modules and bias deltas with a warning "
+                        "(default: refuse, since LoRA serving cannot hold them)")
+    export.add_argument("--layout", choices=("parameters", "per-expert"), default="parameters",
+                        help="fused experts as peft target_parameters (peft, vLLM's 3-D MoE LoRA) or per-expert "
+                        "gate_proj/up_proj/down_proj target_modules (per-expert MoE LoRA, docs/serving.md)")
+    export.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code")
+    _add_out(export, "DIR", "LoRA adapter directory to write (atomically)")
+    export.set_defaults(func=cmd_export_lora)
 
     demo = add_command("demo", help="run the offline end-to-end demo on a small synthetic MoE",
                                description="Pre-train a small DeepSeek-V2-style MoE on synthetic tasks, then score, "

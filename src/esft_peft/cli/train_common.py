@@ -25,7 +25,7 @@ def save_trained_adapter(args: argparse.Namespace, trainer: Any, model: Any, tok
     """Write the adapter, tokenizer, trainer state and model card atomically to ``args.out`` (``args.overwrite``
     decides whether an existing directory may be replaced); ``extra`` writes more files into the same directory."""
     from ..files import atomic_directory_write
-    from ..interop.hub import write_model_card
+    from ..interop.hub import readable_size, write_model_card
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
@@ -37,5 +37,7 @@ def save_trained_adapter(args: argparse.Namespace, trainer: Any, model: Any, tok
 
     if trainer.is_world_process_zero():
         atomic_directory_write(args.out, write, overwrite=args.overwrite)
-        print(f"adapter -> {args.out}")
+        weights = Path(args.out) / "adapter_model.safetensors"
+        size = f" ({readable_size(weights.stat().st_size)} of weights)" if weights.is_file() else ""
+        print(f"adapter -> {args.out}{size}")
     trainer.accelerator.wait_for_everyone()

@@ -3,7 +3,8 @@
 Names follow the paper: FFT (full fine-tuning), LoRA, ESFT-Token and ESFT-Gate (experts selected by token-selection
 ratio at p = 0.2, or by average gate score at p = 0.1), ESFT with random experts at the same per-layer budget
 (Table 4), ESFT-Token that also trains the shared experts, the non-expert modules, or both (Table 3), and
-ESFT-Token with a larger budget (p = 0.4, the demo's).
+ESFT-Token with a larger budget (p = 0.4, the demo's), and ESFT-Token with low-rank deltas (rank 8 and 32, alpha
+twice the rank as the LoRA row's).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Method:
     shared_experts: bool = False
     non_expert_modules: bool = False
     top_p: Optional[float] = None  # ESFT only: None for the paper's p of the score function
+    delta_rank: Optional[int] = None  # ESFT only: low-rank deltas of this rank (alpha = 2 * rank, as LoRA's row)
 
 
 METHODS = {
@@ -44,6 +46,8 @@ METHODS = {
         Method("ESFT-Token +shared", "ESFT", "token", shared_experts=True),
         Method("ESFT-Token +non-expert", "ESFT", "token", non_expert_modules=True),
         Method("ESFT-Token +both", "ESFT", "token", shared_experts=True, non_expert_modules=True),
+        Method("ESFT-Token r=8", "ESFT", "token", delta_rank=8),
+        Method("ESFT-Token r=32", "ESFT", "token", delta_rank=32),
     )
 }
 LORA_RANK = 8
@@ -74,6 +78,8 @@ def prepare(method: Method, base: nn.Module, scores: Optional[ExpertScores] = No
         return get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear"))
     if scores is None:
         raise ValueError(f"{method.name} selects experts from the target task's scores; pass `scores`.")
+    low_rank = {} if method.delta_rank is None else dict(delta_rank=method.delta_rank,
+                                                         delta_alpha=2 * method.delta_rank)
     config = ESFTConfig(experts=select_experts(method, scores, seed), train_shared_experts=method.shared_experts,
-                        train_non_expert_modules=method.non_expert_modules)
+                        train_non_expert_modules=method.non_expert_modules, **low_rank)
     return get_peft_model(model, config)

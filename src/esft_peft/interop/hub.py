@@ -17,7 +17,7 @@ from typing import Optional, Union
 from peft import PeftModel
 
 from ..tuners.esft.config import ESFTConfig
-from ..tuners.esft.layer import DELTA_CONTAINER
+from ..tuners.esft.layer import ADAPTER_CONTAINERS
 from ..tuners.pesc.config import PESCConfig
 from ..files import atomic_write_text
 from .card_section import card_section, refresh_card
@@ -30,13 +30,33 @@ CARD_TAGS = ("esft", "moe", "peft", "mixture-of-experts")
 
 
 def adapter_statistics(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, float]:
-    """Parameter counts of ``adapter_name``: adapter parameters, base parameters and the trainable fraction
-    (whole counts also while DeepSpeed ZeRO-3 holds only a partition of each parameter)."""
-    marker = f".{DELTA_CONTAINER}.{adapter_name}."
+    """Parameter counts of ``adapter_name``: adapter parameters (dense deltas and low-rank factors), base parameters,
+    the trainable fraction, and ``adapter_bytes``, the size of the adapter's tensors as saved (the safetensors file
+    without its header); whole counts also while DeepSpeed ZeRO-3 holds only a partition of each parameter."""
+    markers = tuple(f".{container}.{adapter_name}." for container in ADAPTER_CONTAINERS)
     numel = lambda param: getattr(param, "ds_numel", param.numel())  # noqa: E731
-    adapter = sum(numel(p) for n, p in peft_model.named_parameters() if marker in n)
-    base = sum(numel(p) for n, p in peft_model.named_parameters() if f".{DELTA_CONTAINER}." not in n)
-    return {"adapter_parameters": adapter, "base_parameters": base, "trainable_fraction": adapter / base if base else 0.0}
+    adapter_params = [p for n, p in peft_model.named_parameters() if any(m in n for m in markers)]
+    adapter = sum(numel(p) for p in adapter_params)
+    base = sum(numel(p) for n, p in peft_model.named_parameters()
+               if not any(f".{container}." in n for container in ADAPTER_CONTAINERS))
+    return {"adapter_parameters": adapter, "base_parameters": base, "trainable_fraction": adapter / base if base else 0.0,
+            "adapter_bytes": sum(numel(p) * p.element_size() for p in adapter_params)}
+
+
+def readable_size(num_bytes: float) -> str:
+    """Bytes in a readable unit (bytes, KiB, MiB, GiB)."""
+    for unit in ("bytes", "KiB", "MiB"):
+        if num_bytes < 1024:
+            return f"{num_bytes:,.0f} {unit}" if unit == "bytes" else f"{num_bytes:,.1f} {unit}"
+        num_bytes /= 1024
+    return f"{num_bytes:,.2f} GiB"
+
+
+def _delta_kind(config: ESFTConfig) -> str:
+    if config.delta_rank is None:
+        return "full rank (one dense delta per selected expert matrix)"
+    return (f"low rank: rank {config.delta_rank}, alpha {config.delta_alpha:g} (scale "
+            f"{config.delta_alpha / config.delta_rank:g}), `W + scale * B @ A` on each selected expert matrix")
 
 
 def _expert_table(config: ESFTConfig, totals: dict[str, int]) -> str:
@@ -77,8 +97,9 @@ ESFT trains only the routed experts most relevant to the task, layer by layer; e
 - Base model: `{base}` ({config.base_model_type or 'unknown'} architecture)
 - Trained: {config.num_selected_experts} routed experts in {len(config.experts)} MoE layers\
 {' plus ' + ', '.join(extras) if extras else ''}
+- Deltas: {_delta_kind(config)}
 - Adapter parameters: {stats['adapter_parameters']:,} ({100 * stats['trainable_fraction']:.2f}% of the base's \
-{stats['base_parameters']:,})
+{stats['base_parameters']:,}); adapter size {readable_size(stats['adapter_bytes'])}
 
 ## Usage
 

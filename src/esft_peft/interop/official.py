@@ -38,6 +38,7 @@ from ..moe.discovery import MoELayer, find_moe_layers
 from ..moe.layouts.base import unwrap
 from ..tuners.esft.compute import with_delta
 from ..tuners.esft.config import ESFTConfig
+from ..tuners.esft.low_rank import dense
 from .official_mapping import PROJECTIONS, official_projections
 
 logger = logging.getLogger(__name__)
@@ -51,18 +52,19 @@ def official_key(layer: str, expert: int, projection: str) -> str:
 
 
 def _expert_rows(model: nn.Module, layer: MoELayer, expert: int, adapter: Optional[str] = None) -> dict:
-    """One expert's tensors keyed like its layout's parameters: the base weights, or ``adapter``'s delta rows."""
+    """One expert's tensors keyed like its layout's parameters: the base weights, or ``adapter``'s delta rows (views
+    of full-rank deltas; low-rank deltas formed as ``s * B @ A``)."""
     if layer.expert_modules:
         rows = {}
         for child, module in model.get_submodule(layer.expert_modules[expert]).named_children():
             if hasattr(unwrap(module), "weight"):
-                rows[child] = module.esft_delta[adapter]["weight"] if adapter else unwrap(module).weight
+                rows[child] = dense(module.delta_of(adapter)["weight"]) if adapter else unwrap(module).weight
         return rows
     wrapped = model.get_submodule(layer.experts_name)
     if adapter is None:
         return {name: view[expert] for name, view in layer.layout.expert_views(unwrap(wrapped)).items()}
     row = wrapped.esft_expert_ids[adapter].index(expert)
-    return {name: tensor[row] for name, tensor in wrapped.esft_delta[adapter].items()}
+    return {name: dense(delta[row]) for name, delta in wrapped.delta_of(adapter).items()}
 
 
 def _projections(model: nn.Module, layer: MoELayer, expert: int, adapter: Optional[str] = None) -> dict:
@@ -136,6 +138,11 @@ def load_official_adapter(
     config_path, weights = read_official_adapter(directory, expert_config)
     config = ESFTConfig.from_expert_config(config_path, **config_kwargs)
     _check_official_config(config)
+    if config.delta_rank is not None:
+        raise ValueError(
+            "An official adapter holds full expert weights, so it imports as full-rank deltas; drop delta_rank. "
+            "(To serve it at low rank, import it, then `esft-peft export-lora --rank R` truncates it by SVD.)"
+        )
     layers = find_moe_layers(base_model)
     for key, ids in config.experts.items():
         if key in layers:

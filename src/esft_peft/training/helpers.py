@@ -15,7 +15,7 @@ from transformers import TrainingArguments
 
 from ..defaults import PAPER_TRAINING
 from ..moe.partitioned import gathered
-from ..tuners.esft.layer import DELTA_CONTAINER
+from ..tuners.esft.layer import ADAPTER_CONTAINERS
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +29,9 @@ CHECKPOINTING, CHECKPOINTING_KWARGS = (
 _ALIASES = {"gradient_checkpointing": CHECKPOINTING, "gradient_checkpointing_kwargs": CHECKPOINTING_KWARGS,
             "activation_checkpointing": CHECKPOINTING, "activation_checkpointing_kwargs": CHECKPOINTING_KWARGS}
 
-# State-dict keys that peft saves for an ESFT adapter: the deltas and any `modules_to_save` copies.
-ADAPTER_KEY_PARTS = (f".{DELTA_CONTAINER}.", ".modules_to_save.")
+# State-dict keys that peft saves for an ESFT adapter: the deltas (dense or low-rank factors) and any
+# `modules_to_save` copies.
+ADAPTER_KEY_PARTS = (*(f".{container}." for container in ADAPTER_CONTAINERS), ".modules_to_save.")
 
 
 def esft_training_arguments(output_dir: str, **overrides: Any) -> TrainingArguments:

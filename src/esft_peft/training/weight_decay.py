@@ -26,11 +26,20 @@ def decay_expert_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     Works for every param group with a ``weight_decay``; a group with weight decay 0 is left alone.
     """
     owners: dict[int, tuple[ESFTLayer, str, str]] = {}
+    factors: set[int] = set()
     for module in model.modules():
         if isinstance(module, ESFTLayer):
             for adapter, deltas in module.esft_delta.items():
                 owners.update({id(delta): (module, adapter, name) for name, delta in deltas.items()})
+            for container in (module.esft_lora_A, module.esft_lora_B):
+                factors.update(id(p) for params in container.values() for p in params.values())
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    if any(id(p) in factors for group in inner.param_groups for p in group["params"]):
+        raise ValueError(
+            "The optimizer trains low-rank deltas (ESFTConfig.delta_rank): decaying W + s * B @ A toward zero has no "
+            "exact form on the factors. Leave decay_expert_weights off; the optimizer's own weight decay then acts on "
+            "A and B, as LoRA's does."
+        )
     if not any(id(p) in owners for group in inner.param_groups for p in group["params"]):
         raise ValueError("The optimizer trains no ESFT delta of this model; pass the model whose deltas it trains.")
 

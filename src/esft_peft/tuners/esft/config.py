@@ -80,6 +80,13 @@ class ESFTConfig(PeftConfig):
         init_weights: peft's convention: ``True`` (default) starts every delta at zero, so the adapter model
             reproduces the base exactly; ``False`` draws random deltas (normal, with std equal to the RMS of the base
             weights they update), so that an untrained adapter changes the outputs. For tests and debugging only.
+        delta_rank: ``None`` (default): full-rank deltas, one dense copy per selected expert matrix. An int ``r``:
+            low-rank deltas, each selected expert's matrix ``W[e]`` (routed experts only, fused or ModuleList) is
+            updated by ``s * B[e] @ A[e]`` with ``A`` (r, in) kaiming-uniform and ``B`` (out, r) zero at the start
+            (peft's LoRA init, so a fresh adapter is exact). Expert biases are not trained under low rank; shared
+            experts, routers and non-expert modules keep full-rank deltas.
+        delta_alpha: the scale ``s = delta_alpha / delta_rank`` of low-rank deltas (peft's ``lora_alpha``); default
+            ``delta_rank`` (``s = 1``). Only with ``delta_rank``.
     """
 
     experts: dict[str, list[int]] = field(default_factory=dict, metadata={"help": "layer index -> expert ids"})
@@ -97,6 +104,12 @@ class ESFTConfig(PeftConfig):
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "unused by ESFT; keep None"})
     init_weights: bool = field(
         default=True, metadata={"help": "True: zero deltas (identity); False: random deltas, for tests"}
+    )
+    delta_rank: Optional[int] = field(
+        default=None, metadata={"help": "None: full-rank deltas; r: low-rank deltas s * B @ A of the selected experts"}
+    )
+    delta_alpha: Optional[float] = field(
+        default=None, metadata={"help": "scale numerator of low-rank deltas, s = delta_alpha / delta_rank (default r)"}
     )
 
     def __post_init__(self) -> None:
@@ -120,6 +133,25 @@ class ESFTConfig(PeftConfig):
             raise ValueError(
                 f"`init_weights` must be True (zero deltas) or False (random deltas, for tests), got {self.init_weights!r}."
             )
+        self._check_low_rank()
+
+    def _check_low_rank(self) -> None:
+        """``delta_rank``: None or a positive int; ``delta_alpha``: a positive number, only with a rank (default: the
+        rank)."""
+        rank, alpha = self.delta_rank, self.delta_alpha
+        if rank is not None and (isinstance(rank, bool) or not hasattr(rank, "__index__") or operator.index(rank) <= 0):
+            raise ValueError(f"`delta_rank` must be None (full-rank deltas) or a positive integer, got {rank!r}.")
+        if rank is None:
+            if alpha is not None:
+                raise ValueError(
+                    f"`delta_alpha` ({alpha!r}) scales low-rank deltas; set `delta_rank` too, or leave both None."
+                )
+            return
+        self.delta_rank = operator.index(rank)
+        if alpha is None:
+            self.delta_alpha = self.delta_rank
+        elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"`delta_alpha` must be a positive number (scale = delta_alpha / delta_rank), got {alpha!r}.")
 
     @property
     def num_selected_experts(self) -> int:

@@ -17,6 +17,7 @@ from torch import nn
 from ...moe.layouts import ExpertsLayout
 from ...moe.partitioned import is_partitioned, logical_shape
 from .compute import compute_for, with_delta
+from .low_rank import LORA_A, LORA_B, LowRankDelta, dense, new_factors, scale_of
 
 logger = logging.getLogger(__name__)
 
@@ -89,18 +90,24 @@ def _in_out_features(module: nn.Module) -> tuple[Optional[int], Optional[int]]:
     return getattr(module, "in_features", None), getattr(module, "out_features", None)
 
 
-DELTA_CONTAINER = "esft_delta"  # the adapter parameters' container: every ESFT state-dict key holds ".esft_delta."
+DELTA_CONTAINER = "esft_delta"  # the dense deltas' container: their state-dict keys hold ".esft_delta."
+ADAPTER_CONTAINERS = (DELTA_CONTAINER, LORA_A, LORA_B)  # every ESFT adapter tensor lives in one of these
 
 
 class ESFTLayer(BaseTunerLayer):
-    """Common state of ESFT tuner layers: ``esft_delta[adapter]`` holds the trainable deltas."""
+    """Common state of ESFT tuner layers: ``esft_delta[adapter]`` holds the trainable dense deltas; with
+    ``delta_rank`` the matrices' deltas are ``esft_scaling[adapter] * esft_lora_B[adapter][p] @
+    esft_lora_A[adapter][p]`` instead (:mod:`~esft_peft.tuners.esft.low_rank`)."""
 
-    adapter_layer_names = (DELTA_CONTAINER,)
+    adapter_layer_names = ADAPTER_CONTAINERS
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
         self.in_features, self.out_features = _in_out_features(base_layer)
         self.esft_delta = nn.ModuleDict()
+        self.esft_lora_A = nn.ModuleDict()
+        self.esft_lora_B = nn.ModuleDict()
+        self.esft_scaling: dict[str, float] = {}
         self._merge_backup: dict[str, dict[str, torch.Tensor]] = {}
         self._forced_adapters: Optional[list[str]] = None  # set while a mixed-adapter batch runs (mixed_batch.py)
         self._disable_adapters = False
@@ -111,8 +118,35 @@ class ESFTLayer(BaseTunerLayer):
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         target = device if device is not None else self._base_param().device
-        if adapter_name in self.esft_delta:
-            self.esft_delta[adapter_name] = self.esft_delta[adapter_name].to(target)
+        for container in (self.esft_delta, self.esft_lora_A, self.esft_lora_B):
+            if adapter_name in container:
+                container[adapter_name] = container[adapter_name].to(target)
+
+    def _add_deltas(self, adapter_name: str, specs: dict[str, tuple[tuple, Any]], lead: int, init_weights: bool,
+                    rank: Optional[int], alpha: Optional[float], **new_kwargs: Any) -> None:
+        """Create ``adapter_name``'s deltas for ``specs`` (name -> (delta shape, base tensor); ``lead`` leading
+        dimensions count experts): dense deltas, or with a ``rank`` low-rank factors for the matrices (vectors such as
+        biases are then not trained)."""
+        dense_deltas, factors_A, factors_B = {}, {}, {}
+        for name, (shape, base) in specs.items():
+            if rank is None:
+                dense_deltas[name] = _new_delta(shape, base, init_weights, **new_kwargs)
+            elif len(shape) - lead == 2:
+                factors_A[name], factors_B[name] = new_factors(shape, rank, base, init_weights)
+        self.esft_delta[adapter_name] = nn.ParameterDict(dense_deltas)
+        if rank is not None:
+            self.esft_lora_A[adapter_name] = nn.ParameterDict(factors_A)
+            self.esft_lora_B[adapter_name] = nn.ParameterDict(factors_B)
+            self.esft_scaling[adapter_name] = scale_of(rank, rank if alpha is None else alpha)
+
+    def delta_of(self, adapter: str) -> dict[str, Any]:
+        """``adapter``'s deltas by parameter name: dense tensors, or :class:`LowRankDelta` factors."""
+        deltas: dict[str, Any] = dict(self.esft_delta[adapter].items())
+        if adapter in self.esft_lora_A:
+            scale = self.esft_scaling[adapter]
+            for name, A in self.esft_lora_A[adapter].items():
+                deltas[name] = LowRankDelta(A, self.esft_lora_B[adapter][name], scale)
+        return deltas
 
     def _adapters_to_apply(self) -> list[str]:
         """The adapters whose deltas this forward applies: the active ones (or, in a mixed-adapter batch, the current
@@ -133,13 +167,14 @@ class ESFTLayer(BaseTunerLayer):
                 if adapter not in self.esft_delta:
                     continue
                 backup = {name: weight.detach().clone() for name, weight in self.base_weights(adapter).items()}
-                merged = {name: with_delta(backup[name], delta) for name, delta in self.esft_delta[adapter].items()}
+                deltas = {name: dense(delta) for name, delta in self.delta_of(adapter).items()}
+                merged = {name: with_delta(backup[name], delta) for name, delta in deltas.items()}
                 if safe_merge and not all(torch.isfinite(t).all() for t in merged.values()):
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
                 for name, value in merged.items():
                     self._write_base_weights(adapter, name, value)
                     applied = value.float() - backup[name].float()
-                    _report_merge_loss(self._describe(adapter, name), adapter, self.esft_delta[adapter][name], applied)
+                    _report_merge_loss(self._describe(adapter, name), adapter, deltas[name], applied)
                 self._merge_backup[adapter] = backup
                 self.merged_adapters.append(adapter)
 
@@ -164,7 +199,7 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
     follow the selection.
     """
 
-    other_param_names = ("esft_expert_ids",)
+    other_param_names = ("esft_expert_ids", "esft_scaling")
 
     def __init__(
         self,
@@ -173,13 +208,15 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         adapter_name: str,
         expert_ids: list[int],
         init_weights: bool = True,
+        rank: Optional[int] = None,
+        alpha: Optional[float] = None,
     ) -> None:
         super().__init__()
         ESFTLayer.__init__(self, base_layer)
         self.layout = layout
         self.experts_compute = compute_for(layout.kind)
         self.esft_expert_ids: dict[str, list[int]] = {}
-        self.update_layer(adapter_name, expert_ids, init_weights)
+        self.update_layer(adapter_name, expert_ids, init_weights, rank, alpha)
 
     @staticmethod
     def delta_specs(base: nn.Module, layout: ExpertsLayout, expert_ids: list[int]) -> dict[str, tuple[tuple, Any]]:
@@ -187,15 +224,12 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         return {name: ((len(expert_ids), *logical_shape(view)[1:]), view)
                 for name, view in layout.expert_views(base).items()}
 
-    def update_layer(self, adapter_name: str, expert_ids: list[int], init_weights: bool = True) -> None:
+    def update_layer(self, adapter_name: str, expert_ids: list[int], init_weights: bool = True,
+                     rank: Optional[int] = None, alpha: Optional[float] = None) -> None:
+        """Add ``adapter_name``'s deltas for ``expert_ids``: dense ``(k, *per-expert shape)`` rows, or with a ``rank``
+        factors ``A`` (k, r, d1) and ``B`` (k, d0, r) for every per-expert matrix (biases then stay frozen)."""
         specs = self.delta_specs(self.get_base_layer(), self.layout, expert_ids)
-        deltas = nn.ParameterDict(
-            {
-                name: _new_delta(shape, view, init_weights, rows=expert_ids)
-                for name, (shape, view) in specs.items()
-            }
-        )
-        self.esft_delta[adapter_name] = deltas
+        self._add_deltas(adapter_name, specs, 1, init_weights, rank, alpha, rows=expert_ids)
         self.esft_expert_ids[adapter_name] = list(expert_ids)
         self.set_adapter(self.active_adapters)
 
@@ -208,17 +242,23 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         weights = weights or [1.0] * len(adapters)
         if len(adapters) == 1 and weights[0] == 1.0:
             name = adapters[0]
-            return self.esft_expert_ids[name], dict(self.esft_delta[name].items())
+            return self.esft_expert_ids[name], self.delta_of(name)
         ids = list(dict.fromkeys(e for name in adapters for e in self.esft_expert_ids[name]))
+        deltas = {name: self.delta_of(name) for name in adapters}
         combined = {}
-        for param in self.layout.expert_views(self.get_base_layer()):
+        for param, view in self.layout.expert_views(self.get_base_layer()).items():
+            if not any(param in deltas[name] for name in adapters):
+                continue
             rows = []
             for expert in ids:
                 parts = [
-                    _scaled(weight, self.esft_delta[name][param][self.esft_expert_ids[name].index(expert)])
+                    _scaled(weight, dense(deltas[name][param][self.esft_expert_ids[name].index(expert)]))
                     for name, weight in zip(adapters, weights)
-                    if expert in self.esft_expert_ids[name]
+                    if expert in self.esft_expert_ids[name] and param in deltas[name]
                 ]
+                if not parts:  # only adapters that do not train this parameter (low rank: biases) train this expert
+                    like = next(deltas[name][param] for name in adapters if param in deltas[name])
+                    parts = [torch.zeros(logical_shape(view)[1:], dtype=like.dtype, device=view.device)]
                 rows.append(torch.stack(parts).sum(0) if len(parts) > 1 else parts[0])
             combined[param] = torch.stack(rows)
         return ids, combined
@@ -227,7 +267,7 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         """The frozen weights under ``adapter``'s deltas (its selected experts' rows, aligned with the delta rows)."""
         views = self.layout.expert_views(self.get_base_layer())
         index = torch.tensor(self.esft_expert_ids[adapter], device=self._base_param().device)
-        return {name: views[name][index] for name in self.esft_delta[adapter]}
+        return {name: views[name][index] for name in self.delta_of(adapter)}
 
     def forward(self, *args: Any, **kwargs: Any):
         active = self._adapters_to_apply()
@@ -256,40 +296,44 @@ class ModuleDeltaLayer(nn.Module, ESFTLayer):
     routers that subclass Linear but return tuples run their own forward). A zero delta reproduces the base exactly.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, init_weights: bool = True) -> None:
+    other_param_names = ("esft_scaling",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, init_weights: bool = True,
+                 rank: Optional[int] = None, alpha: Optional[float] = None) -> None:
         super().__init__()
         ESFTLayer.__init__(self, base_layer)
-        self.update_layer(adapter_name, init_weights=init_weights)
+        self.update_layer(adapter_name, init_weights=init_weights, rank=rank, alpha=alpha)
 
     @staticmethod
     def delta_specs(base: nn.Module) -> dict[str, tuple[tuple, Any]]:
         """Parameter name -> (delta shape, base parameter) for the direct parameters of ``base``."""
         return {name: (tuple(logical_shape(param)), param) for name, param in base.named_parameters(recurse=False)}
 
-    def update_layer(self, adapter_name: str, expert_ids: Any = None, init_weights: bool = True) -> None:
-        """Add ``adapter_name``'s deltas (``expert_ids`` is unused: this layer holds whole-module deltas)."""
-        self.esft_delta[adapter_name] = nn.ParameterDict(
-            {
-                name: _new_delta(shape, param, init_weights, requires_grad=False)
-                for name, (shape, param) in self.delta_specs(self.get_base_layer()).items()
-            }
-        )
+    def update_layer(self, adapter_name: str, expert_ids: Any = None, init_weights: bool = True,
+                     rank: Optional[int] = None, alpha: Optional[float] = None) -> None:
+        """Add ``adapter_name``'s deltas (``expert_ids`` is unused: this layer holds whole-module deltas); with a
+        ``rank`` (routed ModuleList experts) the weight matrix gets factors ``A`` (r, in), ``B`` (out, r) and the
+        module's vectors (biases) stay frozen."""
+        self._add_deltas(adapter_name, self.delta_specs(self.get_base_layer()), 0, init_weights, rank, alpha,
+                         requires_grad=False)
         self.set_adapter(self.active_adapters)
 
     def combined_deltas(self, adapters: list[str], weights: Optional[list[float]] = None) -> dict[str, torch.Tensor]:
         """Per parameter, the (weighted) sum of the deltas of ``adapters``."""
         weights = weights or [1.0] * len(adapters)
+        if len(adapters) == 1 and weights[0] == 1.0:
+            return self.delta_of(adapters[0])
         total: dict[str, torch.Tensor] = {}
         for adapter, weight in zip(adapters, weights):
-            for name, delta in self.esft_delta[adapter].items():
-                delta = _scaled(weight, delta)
+            for name, delta in self.delta_of(adapter).items():
+                delta = _scaled(weight, dense(delta))
                 total[name] = total[name] + delta if name in total else delta
         return total
 
     def base_weights(self, adapter: str) -> dict[str, torch.Tensor]:
         """The frozen parameters under ``adapter``'s deltas."""
         params = dict(self.get_base_layer().named_parameters(recurse=False))
-        return {name: params[name] for name in self.esft_delta[adapter]}
+        return {name: params[name] for name in self.delta_of(adapter)}
 
     def forward(self, *args: Any, **kwargs: Any):
         active = self._adapters_to_apply()

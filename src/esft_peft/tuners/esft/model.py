@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import ESFTConfig
 from .layer import ESFTLayer, ExpertsDeltaLayer, ModuleDeltaLayer
+from .low_rank import dense
 from ..saved_checks import SavedTensorChecks
 from .mixed_batch import mixed_adapter_batch
 from .targets import Target, plan_targets
@@ -43,14 +44,16 @@ class ESFTModel(SavedTensorChecks, BaseTuner):
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key) -> None:
         spec = self.plans[adapter_name][current_key]
+        # low-rank deltas (delta_rank) go to routed experts only: shared experts, routers, other modules stay full rank
+        rank = dict(rank=peft_config.delta_rank, alpha=peft_config.delta_alpha) if spec.routed else {}
         if isinstance(target, ESFTLayer):
-            target.update_layer(adapter_name, list(spec.expert_ids), init_weights=peft_config.init_weights)
+            target.update_layer(adapter_name, list(spec.expert_ids), init_weights=peft_config.init_weights, **rank)
             return
         if spec.layout is None:
-            new_module = ModuleDeltaLayer(target, adapter_name, init_weights=peft_config.init_weights)
+            new_module = ModuleDeltaLayer(target, adapter_name, init_weights=peft_config.init_weights, **rank)
         else:
             new_module = ExpertsDeltaLayer(
-                target, spec.layout, adapter_name, list(spec.expert_ids), init_weights=peft_config.init_weights
+                target, spec.layout, adapter_name, list(spec.expert_ids), init_weights=peft_config.init_weights, **rank
             )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
@@ -98,7 +101,9 @@ class ESFTModel(SavedTensorChecks, BaseTuner):
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
         """Combine ESFT adapters into a new one: per expert, the weighted sum of the deltas of the adapters that
-        train it (with weight 1, disjoint expert sets give their exact union).
+        train it (with weight 1, disjoint expert sets give their exact union). The new adapter has full-rank deltas:
+        a weighted sum of low-rank updates (``delta_rank``) is not of their rank in general, so low-rank adapters are
+        combined exactly as the dense sum of their ``s * B @ A``.
         """
         if len(adapters) != len(weights) or not adapters:
             raise ValueError("Give one weight per adapter (at least one adapter).")
@@ -145,4 +150,4 @@ def _fill_weighted(module: ESFTLayer, adapters: list[str], weights: list[float],
     else:
         values = module.combined_deltas(names, factors)
     for param, value in values.items():
-        module.esft_delta[target][param] = nn.Parameter(value.detach().clone(), requires_grad=False)
+        module.esft_delta[target][param] = nn.Parameter(dense(value).detach().clone(), requires_grad=False)

@@ -17,10 +17,11 @@ from .config import ESFTConfig
 @dataclass(frozen=True)
 class Target:
     """How to wrap one module: with an experts-delta layer of ``layout`` for ``expert_ids``, or (no layout) with a
-    module-delta layer."""
+    module-delta layer. ``routed``: the module holds routed experts' weights (low-rank deltas apply to it)."""
 
     layout: Optional[ExpertsLayout] = None
     expert_ids: tuple[int, ...] = field(default=())
+    routed: bool = False
 
 
 def _layer_range(layers: dict[str, MoELayer]) -> str:
@@ -103,8 +104,8 @@ _LAYOUT_NAMES = {
 }
 
 
-def _dense_targets(model: nn.Module, roots: list[str]) -> dict[str, Target]:
-    return {name: Target() for root in roots for name in parameter_modules(model, root)}
+def _dense_targets(model: nn.Module, roots: list[str], routed: bool = False) -> dict[str, Target]:
+    return {name: Target(routed=routed) for root in roots for name in parameter_modules(model, root)}
 
 
 def _non_expert_targets(model: nn.Module, config: ESFTConfig, layers: dict[str, MoELayer]) -> dict[str, Target]:
@@ -152,10 +153,10 @@ def plan_targets(model: nn.Module, config: ESFTConfig) -> dict[str, Target]:
     for key, ids in config.experts.items():
         layer = layers[key]
         if layer.expert_modules:
-            plan.update(_dense_targets(model, [layer.expert_modules[e] for e in ids]))
+            plan.update(_dense_targets(model, [layer.expert_modules[e] for e in ids], routed=True))
         for name in layer.delta_targets:
             layer.layout.check_wrappable(unwrap(model.get_submodule(name)))
-            plan[name] = Target(layer.layout, tuple(ids))
+            plan[name] = Target(layer.layout, tuple(ids), routed=True)
         if config.train_shared_experts:
             if not layer.shared_names:
                 raise ValueError(

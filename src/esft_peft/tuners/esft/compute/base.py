@@ -5,20 +5,24 @@ the selection."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 import torch
 from torch import nn
 
 from ....moe.layouts import ExpertsLayout, layout_of_kind
+from ..low_rank import LowRankDelta, dense
 
-Deltas = dict[str, torch.Tensor]  # parameter name -> (k, *per-expert shape) rows, aligned with the selected ids
+# parameter name -> (k, *per-expert shape) rows aligned with the selected ids: dense, or low-rank factors
+Deltas = dict[str, Union[torch.Tensor, LowRankDelta]]
 
 
-def with_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def with_delta(weight: torch.Tensor, delta: Union[torch.Tensor, LowRankDelta]) -> torch.Tensor:
     """``weight + delta`` under esft-peft's dtype policy: summed in the delta's dtype (fp32 master deltas by
     default), rounded once to the weight's dtype. Forward passes and merges both use it, so a merged model computes
-    with exactly the weights the adapter model used."""
+    with exactly the weights the adapter model used. A low-rank delta is formed here (``s * B @ A``, in the factors'
+    dtype), so every compute forms it where it forms ``W + delta``."""
+    delta = dense(delta)
     return (weight.to(delta.dtype) + delta).to(weight.dtype)
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from ....moe.layouts.base import bind_arguments, call_arguments
 from ....moe.partitioned import logical_shape
 from ....moe.rows import expert_rows, ids_tensor, inverse_permutation, permute_rows
+from ..low_rank import delta_tensors
 from .base import Deltas, ExpertsCompute, with_delta
 
 
@@ -192,7 +193,7 @@ class FusedCompute(ExpertsCompute):
         out = out * top_k_weights.reshape(-1, 1)
         out = out.view(num_tokens, num_top_k, -1).sum(dim=1)  # as the implementations sum a token's slots
         if not selected and torch.is_grad_enabled():  # no pair reached a selected expert: zero gradients, not none
-            out = out + sum(delta.sum() * 0 for delta in deltas.values())
+            out = out + sum(t.sum() * 0 for delta in deltas.values() for t in delta_tensors(delta))
         return out.to(hidden.dtype).view(*shape[:-1], -1)
 
     def forward(self, target: nn.Module, ids: list[int], deltas: Deltas, args: tuple, kwargs: dict) -> torch.Tensor:
