@@ -363,3 +363,20 @@ def test_miniature_low_rank_methods_train_fewer_parameters():
     model = prepare(METHODS["ESFT-Token r=8"], base, scores)
     config = model.peft_config["default"]
     assert (config.delta_rank, config.delta_alpha) == (8, 16)
+
+
+def test_scoring_a_low_rank_adapter_model_sees_the_adapted_routing():
+    """Scoring runs on whatever model it is given: through a low-rank adapter it records the routing of
+    ``W + s * B @ A`` (the reference model with those weights written in), and a fresh adapter scores as the base."""
+    from esft_peft import score_experts
+
+    ids = batch(7, (3, 12))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    score = lambda model: score_experts(model, batches, token_budget=None, show_progress=False).to_dict()  # noqa: E731
+    model = _low_rank("deepseek_v2")
+    adapted, reference = score(model), score(_reference("deepseek_v2", model))
+    for kind in ("token_scores", "gate_scores"):
+        assert adapted[kind].keys() == reference[kind].keys()
+        for layer, values in adapted[kind].items():
+            assert values == pytest.approx(reference[kind][layer], abs=1e-6)
+    assert score(_low_rank("deepseek_v2", init_weights=True))["token_scores"] == score(make_model("deepseek_v2"))["token_scores"]
