@@ -160,6 +160,21 @@ def test_training_updates_both_factors_and_merge_is_exact(family):
         assert_reproduces_base(family, logits(model), logits(make_model(family)))
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "modulelist"])
+def test_bf16_base_keeps_fp32_factors_and_its_merge_reproduces_the_adapter_exactly(family):
+    """The dtype policy of full-rank deltas: fp32 factors on a bf16 base, ``W + s * B @ A`` summed in fp32 and rounded
+    once to bf16, in the forward and in the merge alike."""
+    base = make_model(family, dtype=torch.bfloat16)
+    reference = logits(base)
+    model = get_peft_model(base, ESFTConfig(experts=selection(base), delta_rank=RANK, delta_alpha=ALPHA))
+    assert {p.dtype for n, p in model.named_parameters() if "esft_lora_" in n} == {torch.float32}
+    assert torch.equal(logits(model), reference)  # fresh: exact
+    train_steps(model, lr=1e-2)
+    adapted = logits(model)
+    assert adapted.dtype == torch.bfloat16 and not torch.equal(adapted, reference)
+    assert torch.equal(logits(model.merge_and_unload()), adapted)
+
+
 def test_merged_weights_are_w_plus_sba_formed_like_the_forward():
     model = _low_rank("qwen3_moe")
     layer = next(layer for _, layer in _factor_owners(model) if isinstance(layer, ExpertsDeltaLayer))
