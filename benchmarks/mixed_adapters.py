@@ -12,7 +12,9 @@ experts top-6, 2 shared, hidden 256, expert width 128, 4 layers, the first dense
 adapter computes something different), each training ``--experts-per-adapter`` experts per MoE layer (a seeded
 random choice per adapter: 6 of 64 is the paper's 5-15%).
 
-Cases, in interleaved rounds (median; every case runs once per round so that machine noise hits all alike):
+Cases, in interleaved rounds (median; every case runs once per round so that machine noise hits all alike, each
+round starting one case later so that no case always runs right after another model's weights went through the
+caches):
 "merged" is one adapter merged into a copy of the base (``merge_and_unload``: the base's own cost); "one adapter"
 runs the whole batch with one active adapter; "N mixed" passes ``adapter_names`` with the batch's samples spread
 round-robin over N adapters. ``generate`` is greedy ``model.generate`` of exactly ``--new-tokens`` tokens after a
@@ -39,7 +41,7 @@ from peft import get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from esft_peft import ESFTConfig, find_moe_layers
-from esft_peft.tuners.esft import mixed_batch
+from esft_peft.tuners.esft.mixed_experts import grouped_experts
 
 DESIGNS = {"per-group": False, "grouped": True}
 
@@ -103,8 +105,7 @@ def bench_model(args: argparse.Namespace, name: str, mode: str, device: torch.de
 
     def designed(call: Callable[[], torch.Tensor], grouped: bool) -> Callable[[], torch.Tensor]:
         def wrapped() -> torch.Tensor:
-            import contextlib
-            with (mixed_batch.grouped_experts(grouped) if hasattr(mixed_batch, 'grouped_experts') else contextlib.nullcontext()):  # TEMP
+            with grouped_experts(grouped):
                 return call()
 
         return wrapped
@@ -118,11 +119,13 @@ def bench_model(args: argparse.Namespace, name: str, mode: str, device: torch.de
             cases[label] = designed(run(model, adapter_names=names), DESIGNS[design])
     outputs = {label: call() for label, call in cases.items()}  # warm-up, outside the timed rounds
     times: dict[str, list[float]] = {label: [] for label in cases}
-    for _ in range(args.rounds):
-        for label, call in cases.items():
+    labels = list(cases)
+    for round_ in range(args.rounds):
+        shift = round_ % len(labels)  # each round starts one case later: no case always follows the merged copy
+        for label in labels[shift:] + labels[:shift]:
             synchronize(device)
             start = time.perf_counter()
-            call()
+            cases[label]()
             synchronize(device)
             times[label].append(time.perf_counter() - start)
     one = statistics.median(times["one adapter"])
