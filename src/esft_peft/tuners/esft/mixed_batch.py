@@ -23,6 +23,7 @@ from ...moe.discovery import find_moe_layers
 from ..mixed_batch_common import BASE_ADAPTER, beam_expanded
 from ..mixed_batch_common import check_adapter_names as _check_names
 from .layer import ESFTLayer
+from .mixed_experts import groups_in_one_call, mixed_experts_forward
 
 
 def _scopes(model: nn.Module) -> dict[nn.Module, list[ESFTLayer]]:
@@ -73,15 +74,10 @@ def _combine(parts: list[Any], groups: list[torch.Tensor], batch: int, tokens: i
     )
 
 
-def _split_forward(
-    scope: nn.Module,
-    forward: Callable,
-    layers: list[ESFTLayer],
-    names_by_batch: dict[int, list[str]],
-    *args: Any,
-    **kwargs: Any,
-) -> Any:
-    """Call ``forward`` once per group of samples sharing an adapter, with ``layers`` applying that adapter."""
+def _batch_names(
+    scope: nn.Module, names_by_batch: dict[int, list[str]], args: tuple, kwargs: dict
+) -> tuple[list[str], torch.Tensor]:
+    """The adapter names of the samples ``scope`` is called with, and its first tensor argument (the hidden states)."""
     hidden = next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
     batch = None if hidden is None or not hidden.dim() else hidden.shape[0]
     names = names_by_batch.get(batch)
@@ -91,6 +87,33 @@ def _split_forward(
             "Length of `adapter_names` should be the same as the number of inputs, but got "
             f"{lengths} and {batch} respectively (at {type(scope).__name__})."
         )
+    return names, hidden
+
+
+def _one_call_forward(
+    scope: nn.Module, forward: Callable, current: list, names_by_batch: dict[int, list[str]], *args: Any, **kwargs: Any
+) -> Any:
+    """Call the MoE block ``forward`` once for the whole batch, its experts layers reading the samples' names from
+    ``current`` (``mixed_experts.py``)."""
+    names, _ = _batch_names(scope, names_by_batch, args, kwargs)
+    current.append(names)
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        current.pop()
+
+
+def _split_forward(
+    scope: nn.Module,
+    forward: Callable,
+    layers: list[ESFTLayer],
+    names_by_batch: dict[int, list[str]],
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """Call ``forward`` once per group of samples sharing an adapter, with ``layers`` applying that adapter."""
+    names, hidden = _batch_names(scope, names_by_batch, args, kwargs)
+    batch = len(names)
     groups: dict[str, list[int]] = {}
     for row, name in enumerate(names):
         groups.setdefault(name, []).append(row)
@@ -147,9 +170,20 @@ def mixed_adapter_batch(
     replaced: list[tuple[nn.Module, Optional[Callable]]] = []
     handles = []
     try:
+        cache: dict = {}  # routing tables of the one-call experts layers, per layer and batch
         for scope, inner in _scopes(tuner.model).items():
-            own = vars(scope).get("forward")
-            replaced.append((scope, own))
+            replaced.append((scope, vars(scope).get("forward")))
+            if scope not in inner and groups_in_one_call(inner):
+                current: list[list[str]] = []
+                vars(scope)["forward"] = lambda *a, _s=scope, _f=scope.forward, _c=current, **kw: _one_call_forward(
+                    _s, _f, _c, names_by_batch, *a, **kw
+                )
+                for layer in inner:
+                    replaced.append((layer, vars(layer).get("forward")))
+                    vars(layer)["forward"] = lambda *a, _l=layer, _c=current, **kw: mixed_experts_forward(
+                        _l, _c[-1], cache, a, kw
+                    )
+                continue
             vars(scope)["forward"] = lambda *a, _s=scope, _f=scope.forward, _l=inner, **kw: _split_forward(
                 _s, _f, _l, names_by_batch, *a, **kw
             )

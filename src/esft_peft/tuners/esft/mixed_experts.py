@@ -1,7 +1,7 @@
 """Mixed-adapter batches in one experts call: every (token, expert) pair goes to its own sample's adapter.
 
 In a mixed batch (peft's ``adapter_names=``) the pairs of a fused experts layer are computed as one adapter's are
-(the route-split compute of ``moe/layouts/fused.py``), with *virtual experts* in place of one adapter's selected
+(the route-split compute of ``compute/fused.py``), with *virtual experts* in place of one adapter's selected
 experts: a pair routed to expert ``e`` by a sample whose adapter ``a`` trains ``e`` goes to the virtual expert
 ``W[e] + delta_a[e]``; every other pair (a ``"__base__"`` sample, an expert its adapter does not train, an adapter
 that does not wrap this layer) goes to the frozen ``W[e]``. Only the virtual experts that receive a pair are formed.
@@ -25,7 +25,8 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from ...moe.layouts.base import bind_arguments, call_arguments, ids_tensor
+from ...moe.layouts.base import bind_arguments, call_arguments
+from ...moe.rows import ids_tensor
 from ..mixed_batch_common import BASE_ADAPTER
 from .layer import ESFTLayer, ExpertsDeltaLayer
 
@@ -49,7 +50,7 @@ def groups_in_one_call(layers: list[ESFTLayer]) -> bool:
     """Whether a MoE block holding ``layers`` runs a mixed batch in one call: only fused experts are wrapped there
     (a trained router or shared expert is computed per sample group, so the block is split instead)."""
     return _enabled[0] and bool(layers) and all(
-        isinstance(layer, ExpertsDeltaLayer) and layer.layout.kind in GROUPED_KINDS for layer in layers
+        isinstance(layer, ExpertsDeltaLayer) and layer.experts_compute.kind in GROUPED_KINDS for layer in layers
     )
 
 
@@ -120,7 +121,8 @@ def mixed_experts_forward(
         for param, delta in layer.combined_deltas([name])[1].items():
             parts.setdefault(param, []).append(delta.index_select(0, index))
     deltas = {param: torch.cat(rows) if len(rows) > 1 else rows[0] for param, rows in parts.items()}
-    out = layer.layout.compute(target, ids, deltas, (hidden, top_k_index, top_k_weights), {}, pair_rows=pair_rows)
+    call = (hidden, top_k_index, top_k_weights)
+    out = layer.experts_compute.compute(target, ids, deltas, call, {}, pair_rows=pair_rows)
     if torch.is_grad_enabled():  # every adapter of the batch gets gradients (zeros where no pair reached it)
         out = out + sum(d.sum() * 0 for name in routing.adapters for d in layer.combined_deltas([name])[1].values())
     return out
