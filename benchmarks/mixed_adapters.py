@@ -3,7 +3,7 @@ adapter for the whole batch and against the merged model.
 
     python benchmarks/mixed_adapters.py [--model demo deepseek_v2] [--mode generate forward] [--adapters 1 2 4 8]
                                         [--batch 8 --prompt 16 --new-tokens 16 --experts-per-adapter 6]
-                                        [--rounds 5] [--device cuda --dtype bfloat16] [--json OUT]
+                                        [--rounds 5 --threads 1] [--device cuda --dtype bfloat16] [--json OUT]
 
 Models: ``demo`` is the demo's base (``esft_peft.demo``: DeepSeek-V2-shaped, 64 routed experts top-6, 2 shared,
 hidden 64, 3 layers, the first dense), ``deepseek_v2`` a wider DeepSeek-V2-shaped stack sized for CPU (64 routed
@@ -165,12 +165,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--moe-inner", type=int, default=128, help="deepseek_v2 stack: expert width")
     parser.add_argument("--layers", type=int, default=4, help="deepseek_v2 stack: layers (the first dense)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the figures to OUT (JSON)")
     args = parser.parse_args(argv)
     if args.batch < max(args.adapters):
         parser.error(f"--batch {args.batch} cannot hold {max(args.adapters)} adapters: give a batch at least as large")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     runs = [bench_model(args, name, mode, device, dtype) for name in args.model for mode in args.mode]
     if args.json:

@@ -67,7 +67,7 @@ class ExpertCalls:
             handle.remove()
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "gpt_oss"])  # gpt_oss: biased experts
 def test_one_call_matches_each_sample_alone_and_the_per_group_design(family):
     model = _three_adapters(family)
     input_ids = _inputs()

@@ -2,12 +2,19 @@
 
 LoRA adds each sample's low-rank update to a shared base output. An ESFT delta instead changes the weights of the
 experts a token is routed to, and inside an MoE block the tokens of all samples are flattened and regrouped by
-expert, so which sample a row belongs to is lost below the block. The batch is therefore split where samples are
-still rows: at each MoE block that holds ESFT layers, and at each ESFT layer outside such blocks (attention
-projections, norms, dense MLPs, ...). There each group of samples that share an adapter runs once with that
-adapter (``"__base__"``: none), and the group outputs are put back in sample order. Everything else (attention
-across the sequence, the unadapted layers) runs on the whole batch as usual, so every sample computes exactly what
-it computes in a batch of the samples that use its adapter.
+expert, so which sample a row belongs to is lost below the block. Two designs:
+
+- one call (``mixed_experts.py``), at MoE blocks where ESFT wraps only fused experts (transformers' experts
+  interface): the block runs once on the whole batch, and its experts layer, told each sample's adapter, sends every
+  (token, expert) pair to its own adapter's expert in the same grouped calls one adapter uses;
+- per group, everywhere else: the batch is split where samples are still rows, at each MoE block that holds other
+  ESFT layers (a trained router or shared expert, other experts layouts) and at each ESFT layer outside such blocks
+  (attention projections, norms, dense MLPs, ...). There each group of samples that share an adapter runs once with
+  that adapter (``"__base__"``: none), and the group outputs are put back in sample order.
+
+Everything else (attention across the sequence, the unadapted layers) runs on the whole batch as usual, so every
+sample computes what it computes in a batch of the samples that use its adapter (to the GEMM rounding of rows
+grouped with other samples' rows: ``tests/test_mixed_adapters.py``).
 """
 
 from __future__ import annotations
