@@ -1,7 +1,7 @@
 """Time per token of a batch whose samples use different ESFT adapters (peft's ``adapter_names=``), against one
 adapter for the whole batch and against the merged model.
 
-    python benchmarks/mixed_adapters.py [--model demo deepseek_v2] [--mode generate forward] [--adapters 1 2 4 8]
+    python benchmarks/mixed_adapters.py [--model demo deepseek_v2] [--mode generate decode forward] [--adapters 1 2 4 8]
                                         [--batch 8 --prompt 16 --new-tokens 16 --experts-per-adapter 6]
                                         [--rounds 5 --threads 1] [--device cuda --dtype bfloat16] [--json OUT]
 
@@ -18,9 +18,10 @@ caches):
 "merged" is one adapter merged into a copy of the base (``merge_and_unload``: the base's own cost); "one adapter"
 runs the whole batch with one active adapter; "N mixed" passes ``adapter_names`` with the batch's samples spread
 round-robin over N adapters. ``generate`` is greedy ``model.generate`` of exactly ``--new-tokens`` tokens after a
-``--prompt``-token prompt (the prefill included), ``forward`` one forward over the batch's prompts (a prefill).
-Time per token is the case's time divided by the tokens it produced (batch x new tokens; batch x prompt for
-``forward``). The ratio is N mixed / one adapter. ``--design`` picks how mixed batches run: ``both`` (default)
+``--prompt``-token prompt (the prefill included), ``decode`` the same without the prefill and first token (the
+time of a 1-token generate, run in the same round, subtracted), ``forward`` one forward over the batch's prompts (a
+prefill). Time per token is the case's time divided by the tokens it produced (batch x new tokens; batch x (new
+tokens - 1) for ``decode``; batch x prompt for ``forward``). The ratio is N mixed / one adapter. ``--design`` picks how mixed batches run: ``both`` (default)
 times each N with the per-group design (one MoE-block call per adapter group) and the grouped one (one experts
 call for all adapters' pairs, see ``esft_peft.tuners.esft.mixed_batch``).
 """
@@ -91,15 +92,24 @@ def bench_model(args: argparse.Namespace, name: str, mode: str, device: torch.de
     input_ids = torch.randint(3, vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
     input_ids = input_ids.to(device)
     mask = torch.ones_like(input_ids)
-    produced = args.batch * (args.new_tokens if mode == "generate" else args.prompt)
+    produced = args.batch * {"generate": args.new_tokens, "decode": args.new_tokens - 1, "forward": args.prompt}[mode]
 
     def run(target: torch.nn.Module, **kwargs) -> Callable[[], torch.Tensor]:
+        def generate(tokens: int) -> torch.Tensor:
+            return target.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=tokens,
+                                   min_new_tokens=tokens, do_sample=False, **kwargs)
+
         def call() -> torch.Tensor:
             with torch.no_grad():
-                if mode == "generate":
-                    return target.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=args.new_tokens,
-                                           min_new_tokens=args.new_tokens, do_sample=False, **kwargs)
-                return target(input_ids=input_ids, attention_mask=mask, **kwargs).logits
+                if mode == "forward":
+                    return target(input_ids=input_ids, attention_mask=mask, **kwargs).logits
+                if mode == "decode":  # the prefill and first token, timed apart and subtracted below
+                    synchronize(device)
+                    start = time.perf_counter()
+                    generate(1)
+                    synchronize(device)
+                    prefills.append(time.perf_counter() - start)
+                return generate(args.new_tokens)
 
         return call
 
@@ -117,27 +127,29 @@ def bench_model(args: argparse.Namespace, name: str, mode: str, device: torch.de
         for design in designs:
             label = f"{count} mixed" + (f" ({design})" if len(designs) > 1 else "")
             cases[label] = designed(run(model, adapter_names=names), DESIGNS[design])
+    prefills: list[float] = []
     outputs = {label: call() for label, call in cases.items()}  # warm-up, outside the timed rounds
     times: dict[str, list[float]] = {label: [] for label in cases}
     labels = list(cases)
     for round_ in range(args.rounds):
         shift = round_ % len(labels)  # each round starts one case later: no case always follows the merged copy
         for label in labels[shift:] + labels[:shift]:
+            prefills.clear()
             synchronize(device)
             start = time.perf_counter()
             cases[label]()
             synchronize(device)
-            times[label].append(time.perf_counter() - start)
+            times[label].append(time.perf_counter() - start - 2 * sum(prefills))
     one = statistics.median(times["one adapter"])
     results = {}
     for label, samples in times.items():
         seconds = statistics.median(samples)
         results[label] = {"ms_per_token": 1000 * seconds / produced, "x_one_adapter": seconds / one}
-    if mode == "generate":  # every mixed design generates the same tokens
+    if mode != "forward":  # every mixed design generates the same tokens
         mixed = [label for label in cases if "mixed" in label and label.startswith(f"{max(args.adapters)} ")]
         assert all(torch.equal(outputs[mixed[0]], outputs[label]) for label in mixed), "designs disagree"
     print(f"\n{name}, {mode}: batch {args.batch}, prompt {args.prompt}"
-          + (f", {args.new_tokens} new tokens" if mode == "generate" else "")
+          + (f", {args.new_tokens} new tokens" if mode != "forward" else "")
           + f", {args.experts_per_adapter} experts per adapter per MoE layer, {args.dtype}, "
           f"{torch.get_num_threads()} threads, {device}, median of {args.rounds} rounds")
     print("| case | ms / token | x one adapter |\n| --- | --- | --- |")
@@ -154,7 +166,7 @@ def synchronize(device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", default=["demo", "deepseek_v2"], choices=("demo", "deepseek_v2"))
-    parser.add_argument("--mode", nargs="+", default=["generate"], choices=("generate", "forward"))
+    parser.add_argument("--mode", nargs="+", default=["generate"], choices=("generate", "decode", "forward"))
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 2, 4, 8], help="adapters mixed in a batch")
     parser.add_argument("--design", default="both", choices=("both", *DESIGNS))
     parser.add_argument("--batch", type=int, default=8)
