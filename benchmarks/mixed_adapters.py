@@ -3,7 +3,8 @@ adapter for the whole batch and against the merged model.
 
     python benchmarks/mixed_adapters.py [--model demo deepseek_v2] [--mode generate decode forward] [--adapters 1 2 4 8]
                                         [--batch 8 --prompt 16 --new-tokens 16 --experts-per-adapter 6]
-                                        [--rounds 5 --threads 1] [--device cuda --dtype bfloat16] [--json OUT]
+                                        [--rounds 5] [--threads 1 --clock cpu] [--device cuda --dtype bfloat16]
+                                        [--json OUT]
 
 Models: ``demo`` is the demo's base (``esft_peft.demo``: DeepSeek-V2-shaped, 64 routed experts top-6, 2 shared,
 hidden 64, 3 layers, the first dense), ``deepseek_v2`` a wider DeepSeek-V2-shaped stack sized for CPU (64 routed
@@ -20,7 +21,9 @@ runs the whole batch with one active adapter; "N mixed" passes ``adapter_names``
 round-robin over N adapters. ``generate`` is greedy ``model.generate`` of exactly ``--new-tokens`` tokens after a
 ``--prompt``-token prompt (the prefill included), ``decode`` the same without the prefill and first token (the
 time of a 1-token generate, run in the same round, subtracted), ``forward`` one forward over the batch's prompts (a
-prefill). Time per token is the case's time divided by the tokens it produced (batch x new tokens; batch x (new
+prefill). ``--clock cpu`` times the process's CPU time instead of the wall clock: on a
+CPU machine shared with other work, with ``--threads 1``, it does not count the time other processes hold the core
+(cache and memory-bandwidth contention still count). Time per token is the case's time divided by the tokens it produced (batch x new tokens; batch x (new
 tokens - 1) for ``decode``; batch x prompt for ``forward``). The ratio is N mixed / one adapter. ``--design`` picks how mixed batches run: ``both`` (default)
 times each N with the per-group design (one MoE-block call per adapter group) and the grouped one (one experts
 call for all adapters' pairs, see ``esft_peft.tuners.esft.mixed_batch``).
@@ -86,6 +89,7 @@ def with_adapters(base: torch.nn.Module, count: int, per_adapter: int) -> torch.
 
 
 def bench_model(args: argparse.Namespace, name: str, mode: str, device: torch.device, dtype: torch.dtype) -> dict:
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     model = with_adapters(build_base(args, name, device, dtype), max(args.adapters), args.experts_per_adapter)
     merged = copy.deepcopy(model).merge_and_unload()
     vocab = model.config.vocab_size
@@ -105,10 +109,10 @@ def bench_model(args: argparse.Namespace, name: str, mode: str, device: torch.de
                     return target(input_ids=input_ids, attention_mask=mask, **kwargs).logits
                 if mode == "decode":  # the prefill and first token, timed apart and subtracted below
                     synchronize(device)
-                    start = time.perf_counter()
+                    start = clock()
                     generate(1)
                     synchronize(device)
-                    prefills.append(time.perf_counter() - start)
+                    prefills.append(clock() - start)
                 return generate(args.new_tokens)
 
         return call
@@ -136,10 +140,10 @@ def bench_model(args: argparse.Namespace, name: str, mode: str, device: torch.de
         for label in labels[shift:] + labels[:shift]:
             prefills.clear()
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             cases[label]()
             synchronize(device)
-            times[label].append(time.perf_counter() - start - 2 * sum(prefills))
+            times[label].append(clock() - start - 2 * sum(prefills))
     one = statistics.median(times["one adapter"])
     results = {}
     for label, samples in times.items():
@@ -151,7 +155,7 @@ def bench_model(args: argparse.Namespace, name: str, mode: str, device: torch.de
     print(f"\n{name}, {mode}: batch {args.batch}, prompt {args.prompt}"
           + (f", {args.new_tokens} new tokens" if mode != "forward" else "")
           + f", {args.experts_per_adapter} experts per adapter per MoE layer, {args.dtype}, "
-          f"{torch.get_num_threads()} threads, {device}, median of {args.rounds} rounds")
+          f"{torch.get_num_threads()} threads, {device}, {args.clock} clock, median of {args.rounds} rounds")
     print("| case | ms / token | x one adapter |\n| --- | --- | --- |")
     for label, r in results.items():
         print(f"| {label} | {r['ms_per_token']:.3f} | {r['x_one_adapter']:.2f}x |")
@@ -178,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=4, help="deepseek_v2 stack: layers (the first dense)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                        help="cpu: the process's CPU time (steadier on a shared CPU machine, with --threads 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the figures to OUT (JSON)")
