@@ -193,3 +193,20 @@ def test_benchmark_reports_every_case(tmp_path: Path):
                                      "2 mixed (per-group)", "2 mixed (grouped)"}
         assert run["cases"]["one adapter"]["x_one_adapter"] == 1.0
         assert all(case["ms_per_token"] > 0 for case in run["cases"].values())
+
+
+def test_beam_search_with_one_call_matches_single_adapter_beam_search():
+    model = _three_adapters("qwen3_moe")
+    input_ids = _inputs(batch=3, length=4)
+    names = ["b", "__base__", "c"]
+    settings = dict(max_new_tokens=4, num_beams=2, do_sample=False)
+    with torch.no_grad():
+        mixed = model.generate(input_ids=input_ids, adapter_names=names, **settings)
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model.generate(input_ids=input_ids[i : i + 1], **settings)
+            else:
+                model.set_adapter(name)
+                alone = model.generate(input_ids=input_ids[i : i + 1], **settings)
+            assert torch.equal(mixed[i], alone[0])

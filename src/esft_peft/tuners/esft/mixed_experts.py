@@ -26,7 +26,7 @@ from typing import Iterator, NamedTuple
 import torch
 
 from ...moe.layouts.base import bind_arguments, call_arguments
-from ...moe.rows import ids_tensor
+from ...moe.rows import expert_rows, ids_tensor
 from ..mixed_batch_common import BASE_ADAPTER
 from .layer import ESFTLayer, ExpertsDeltaLayer
 
@@ -117,9 +117,8 @@ def mixed_experts_forward(
     for slot, rows in rows_of.items():
         name = routing.adapters[slot]
         ids += [layer.esft_expert_ids[name][row] for row in rows]
-        index = ids_tensor(tuple(rows), top_k_index.device)
         for param, delta in layer.combined_deltas([name])[1].items():
-            parts.setdefault(param, []).append(delta.index_select(0, index))
+            parts.setdefault(param, []).append(expert_rows(delta, rows))  # a view when the rows are consecutive
     deltas = {param: torch.cat(rows) if len(rows) > 1 else rows[0] for param, rows in parts.items()}
     call = (hidden, top_k_index, top_k_weights)
     out = layer.experts_compute.compute(target, ids, deltas, call, {}, pair_rows=pair_rows)
