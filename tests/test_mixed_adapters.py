@@ -210,3 +210,29 @@ def test_beam_search_with_one_call_matches_single_adapter_beam_search():
                 model.set_adapter(name)
                 alone = model.generate(input_ids=input_ids[i : i + 1], **settings)
             assert torch.equal(mixed[i], alone[0])
+
+
+def test_only_the_virtual_experts_that_receive_pairs_are_formed():
+    model = _three_adapters("deepseek_v2")
+    input_ids = _inputs()
+    routed, called = {}, {}
+    handles = []
+    for module in model.modules():
+        if isinstance(module, ExpertsDeltaLayer):
+            experts = module.get_base_layer()
+            handles.append(module.register_forward_pre_hook(
+                lambda mod, args, key=module: routed.__setitem__(key, args[1].reshape(len(NAMES), -1))))
+            handles.append(experts.register_forward_pre_hook(
+                lambda mod, args, key=module: called.setdefault(key, []).append(mod.num_experts)))
+    with torch.no_grad():
+        model(input_ids=input_ids, adapter_names=NAMES)
+    for handle in handles:
+        handle.remove()
+    assert routed
+    for layer, index in routed.items():
+        receiving = {(name, int(e)) for name, row in zip(NAMES, index) for e in row.tolist()
+                     if e in layer.esft_expert_ids.get(name, [])}
+        assert receiving  # this layer's selected call is exercised
+        total = layer.layout.num_experts(layer.get_base_layer())
+        # one call over the virtual experts that receive pairs, one over the frozen experts
+        assert called[layer] == [len(receiving), total]
