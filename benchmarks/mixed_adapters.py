@@ -26,7 +26,7 @@ CPU machine shared with other work, with ``--threads 1``, it does not count the 
 (cache and memory-bandwidth contention still count). Time per token is the case's time divided by the tokens it produced (batch x new tokens; batch x (new
 tokens - 1) for ``decode``; batch x prompt for ``forward``). The ratio is N mixed / one adapter. ``--design`` picks how mixed batches run: ``both`` (default)
 times each N with the per-group design (one MoE-block call per adapter group) and the grouped one (one experts
-call for all adapters' pairs, see ``esft_peft.tuners.esft.mixed_batch``).
+call for all adapters' pairs, see ``esft_peft.tuners.esft.mixed_experts``).
 """
 
 from __future__ import annotations
