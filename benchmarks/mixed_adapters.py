@@ -19,14 +19,15 @@ caches):
 "merged" is one adapter merged into a copy of the base (``merge_and_unload``: the base's own cost); "one adapter"
 runs the whole batch with one active adapter; "N mixed" passes ``adapter_names`` with the batch's samples spread
 round-robin over N adapters. ``generate`` is greedy ``model.generate`` of exactly ``--new-tokens`` tokens after a
-``--prompt``-token prompt (the prefill included), ``decode`` the same without the prefill and first token (the
-time of a 1-token generate, run in the same round, subtracted), ``forward`` one forward over the batch's prompts (a
-prefill). ``--clock cpu`` times the process's CPU time instead of the wall clock: on a
-CPU machine shared with other work, with ``--threads 1``, it does not count the time other processes hold the core
-(cache and memory-bandwidth contention still count). Time per token is the case's time divided by the tokens it produced (batch x new tokens; batch x (new
-tokens - 1) for ``decode``; batch x prompt for ``forward``). The ratio is N mixed / one adapter. ``--design`` picks how mixed batches run: ``both`` (default)
-times each N with the per-group design (one MoE-block call per adapter group) and the grouped one (one experts
-call for all adapters' pairs, see ``esft_peft.tuners.esft.mixed_experts``).
+``--prompt``-token prompt (the prefill included), ``decode`` the same without the prefill and first token (the time
+of a 1-token generate, run in the same round, subtracted), ``forward`` one forward over the batch's prompts (a
+prefill). ``--clock cpu`` times the process's CPU time instead of the wall clock: on a CPU machine shared with other
+work, with ``--threads 1``, it does not count the time other processes hold the core (cache and memory-bandwidth
+contention still count). Time per token is the case's time divided by the tokens it produced (batch x new tokens;
+batch x (new tokens - 1) for ``decode``; batch x prompt for ``forward``). The ratio is N mixed / one adapter.
+``--design`` picks how mixed batches run: ``both`` (default) times each N with the per-group design (one MoE-block
+call per adapter group) and the grouped one (one experts call for all adapters' pairs, see
+``esft_peft.tuners.esft.mixed_experts``).
 """
 
 from __future__ import annotations
