@@ -184,10 +184,10 @@ def test_benchmark_reports_every_case(tmp_path: Path):
     spec.loader.exec_module(bench)
     out = tmp_path / "mixed.json"
     bench.main(["--model", "deepseek_v2", "--hidden", "32", "--moe-inner", "16", "--layers", "2",
-                "--mode", "generate", "forward", "--adapters", "1", "2", "--batch", "2", "--prompt", "3",
+                "--mode", "generate", "decode", "forward", "--adapters", "1", "2", "--batch", "2", "--prompt", "3",
                 "--new-tokens", "2", "--rounds", "1", "--json", str(out)])
     runs = json.loads(out.read_text())["runs"]
-    assert [(run["model"], run["mode"]) for run in runs] == [("deepseek_v2", "generate"), ("deepseek_v2", "forward")]
+    assert [run["mode"] for run in runs] == ["generate", "decode", "forward"]
     for run in runs:
         assert set(run["cases"]) == {"merged", "one adapter", "1 mixed (per-group)", "1 mixed (grouped)",
                                      "2 mixed (per-group)", "2 mixed (grouped)"}
