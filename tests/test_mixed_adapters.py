@@ -184,9 +184,13 @@ def test_benchmark_reports_every_case(tmp_path: Path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "mixed.json"
-    bench.main(["--model", "deepseek_v2", "--hidden", "32", "--moe-inner", "16", "--layers", "2",
-                "--mode", "generate", "decode", "forward", "--adapters", "1", "2", "--batch", "2", "--prompt", "3",
-                "--new-tokens", "2", "--rounds", "1", "--json", str(out)])
+    threads = torch.get_num_threads()
+    try:  # one thread: fast on a busy machine; restored for the tests that follow
+        bench.main(["--model", "deepseek_v2", "--hidden", "32", "--moe-inner", "16", "--layers", "2",
+                    "--mode", "generate", "decode", "forward", "--adapters", "1", "2", "--batch", "2", "--prompt", "3",
+                    "--new-tokens", "2", "--rounds", "1", "--threads", "1", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     runs = json.loads(out.read_text())["runs"]
     assert [run["mode"] for run in runs] == ["generate", "decode", "forward"]
     for run in runs:
