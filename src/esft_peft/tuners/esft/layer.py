@@ -236,13 +236,14 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
     def combined_deltas(
         self, adapters: list[str], weights: Optional[list[float]] = None
     ) -> tuple[list[int], dict[str, torch.Tensor]]:
-        """Expert ids (first-appearance order) and delta rows of ``adapters``; an expert trained by several adapters
-        gets the (weighted) sum of their rows. Serves both the forward of active adapters and add_weighted_adapter.
+        """Expert ids (first-appearance order) and dense delta rows of ``adapters`` (low-rank deltas formed); an expert
+        trained by several adapters gets the (weighted) sum of their rows. Serves the forward of several active
+        adapters, mixed-adapter batches and add_weighted_adapter.
         """
         weights = weights or [1.0] * len(adapters)
         if len(adapters) == 1 and weights[0] == 1.0:
             name = adapters[0]
-            return self.esft_expert_ids[name], self.delta_of(name)
+            return self.esft_expert_ids[name], {param: dense(d) for param, d in self.delta_of(name).items()}
         ids = list(dict.fromkeys(e for name in adapters for e in self.esft_expert_ids[name]))
         deltas = {name: self.delta_of(name) for name in adapters}
         combined = {}
@@ -273,7 +274,10 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         active = self._adapters_to_apply()
         if not active:
             return self.base_layer(*args, **kwargs)
-        ids, deltas = self.combined_deltas(active)
+        if len(active) == 1:  # low-rank factors stay factors: the compute forms s * B @ A where it forms W + delta
+            ids, deltas = self.esft_expert_ids[active[0]], self.delta_of(active[0])
+        else:
+            ids, deltas = self.combined_deltas(active)
         return self.experts_compute.compute(self.get_base_layer(), ids, deltas, args, kwargs)
 
     def _write_base_weights(self, adapter: str, name: str, value: torch.Tensor) -> None:
@@ -321,8 +325,6 @@ class ModuleDeltaLayer(nn.Module, ESFTLayer):
     def combined_deltas(self, adapters: list[str], weights: Optional[list[float]] = None) -> dict[str, torch.Tensor]:
         """Per parameter, the (weighted) sum of the deltas of ``adapters``."""
         weights = weights or [1.0] * len(adapters)
-        if len(adapters) == 1 and weights[0] == 1.0:
-            return self.delta_of(adapters[0])
         total: dict[str, torch.Tensor] = {}
         for adapter, weight in zip(adapters, weights):
             for name, delta in self.delta_of(adapter).items():

@@ -11,7 +11,6 @@ from torch import nn
 
 from .config import ESFTConfig
 from .layer import ESFTLayer, ExpertsDeltaLayer, ModuleDeltaLayer
-from .low_rank import dense
 from ..saved_checks import SavedTensorChecks
 from .mixed_batch import mixed_adapter_batch
 from .targets import Target, plan_targets
@@ -150,4 +149,4 @@ def _fill_weighted(module: ESFTLayer, adapters: list[str], weights: list[float],
     else:
         values = module.combined_deltas(names, factors)
     for param, value in values.items():
-        module.esft_delta[target][param] = nn.Parameter(dense(value).detach().clone(), requires_grad=False)
+        module.esft_delta[target][param] = nn.Parameter(value.detach().clone(), requires_grad=False)
