@@ -1,0 +1,132 @@
+"""ESFT under transformers' native expert parallelism, one process of a ``torchrun`` launch (gloo on CPU), run by
+``tests/test_expert_parallel.py``:
+
+    torchrun --nproc-per-node 2 tests/ep_worker.py --models DIR --out DIR --families qwen3_moe deepseek_v2
+
+For each family, the tiny model saved in ``--models/<family>`` is loaded with
+``DistributedConfig(ep_size=WORLD_SIZE, fsdp_size=WORLD_SIZE)``, wrapped by ``get_peft_model`` and trained by a plain
+loop (forward, ``loss.backward()``, ``optimizer.step()``) on this rank's slice of each global batch; every rank calls
+``save_pretrained`` (rank 0 writes). The saved adapter is loaded onto a fresh EP base with
+``PeftModel.from_pretrained`` and merged with ``merge_and_unload``; the logits of the three models go to
+``--out/<family>/ep_logits.pt``. ``--score`` also scores the first family's base under EP. ``train`` and ``logits``
+are the same code the test runs in one process on the whole batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from esft_peft import ESFTConfig, find_moe_layers  # noqa: E402
+from tiny_families import COMMON  # noqa: E402
+
+FAMILIES = ("qwen3_moe", "deepseek_v2", "mixtral", "olmoe", "qwen2_moe")
+SHARED = {"deepseek_v2", "qwen2_moe"}  # families with shared experts: trained too (replicated deltas)
+ROUTER = {"qwen3_moe"}  # the router trained too (a replicated delta)
+GLOBAL_BATCH, LENGTH, STEPS, LR = 4, 8, 3, 1e-2
+
+
+def global_batch(step: int) -> torch.Tensor:
+    return torch.randint(0, COMMON["vocab_size"], (GLOBAL_BATCH, LENGTH), generator=torch.Generator().manual_seed(step))
+
+
+def esft_config(family: str, model) -> ESFTConfig:
+    """Two MoE layers: the first with experts all on EP rank 0 of 2 (rank 1 owns none), the second spread unevenly."""
+    first, second = list(find_moe_layers(model))[:2]
+    return ESFTConfig(
+        experts={first: [0, 2], second: [6, 1, 5]}, train_shared_experts=family in SHARED, train_router=family in ROUTER,
+    )
+
+
+def train(model, rank: int = 0, world: int = 1) -> list[float]:
+    """``STEPS`` AdamW steps on this rank's slice of each global batch; the global mean losses."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+    losses = []
+    for step in range(STEPS):
+        ids = global_batch(step).chunk(world)[rank]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(loss)
+            loss /= world
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    """Logits of a fixed batch (the same batch on every rank)."""
+    ids = global_batch(100)
+    return model.eval()(input_ids=ids).logits.float()
+
+
+def ep_base(path: Path, world: int):
+    from transformers.distributed import DistributedConfig
+
+    config = DistributedConfig(ep_size=world, fsdp_size=world)
+    return AutoModelForCausalLM.from_pretrained(path, distributed_config=config, dtype=torch.float32)
+
+
+def run_family(family: str, models: Path, out: Path, rank: int, world: int) -> None:
+    base = ep_base(models / family, world)
+    model = get_peft_model(base, esft_config(family, base)).train()
+    losses = train(model, rank, world)
+    trained = logits(model)
+    model.save_pretrained(out / family, is_main_process=rank == 0)
+    dist.barrier()
+    loaded = PeftModel.from_pretrained(ep_base(models / family, world), out / family)
+    reloaded = logits(loaded)
+    merged = logits(loaded.merge_and_unload())
+    if rank == 0:
+        (out / family / "losses.json").write_text(json.dumps(losses))
+        torch.save({"trained": trained, "reloaded": reloaded, "merged": merged}, out / family / "ep_logits.pt")
+
+
+def run_scoring(family: str, models: Path, out: Path, rank: int, world: int) -> None:
+    from esft_peft.scoring import score_experts
+
+    scores = score_experts(ep_base(models / family, world), scoring_data(), batch_size=2, token_budget=None,
+                           show_progress=False)
+    if rank == 0:
+        scores.save(out / "scores.json")
+
+
+def scoring_data() -> list[dict]:
+    """Tokenized examples of several lengths, an odd count (the ranks get different numbers of batches)."""
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(4, 14, (7,), generator=g).tolist()
+    return [{"input_ids": torch.randint(3, COMMON["vocab_size"], (n,), generator=g).tolist()} for n in lengths]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES))
+    parser.add_argument("--score", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    for family in args.families:
+        run_family(family, args.models, args.out, rank, world)
+    if args.score:
+        run_scoring(args.families[0], args.models, args.out, rank, world)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
