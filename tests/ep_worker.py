@@ -34,6 +34,7 @@ FAMILIES = ("qwen3_moe", "deepseek_v2", "mixtral", "olmoe", "qwen2_moe")
 SHARED = {"deepseek_v2", "qwen2_moe"}  # families with shared experts: trained too (replicated deltas)
 ROUTER = {"qwen3_moe"}  # the router trained too (a replicated delta)
 GLOBAL_BATCH, LENGTH, STEPS, LR = 4, 8, 3, 1e-2
+SCORING = dict(batch_size=2, token_budget=None, show_progress=False)
 
 
 def global_batch(step: int) -> torch.Tensor:
@@ -99,8 +100,7 @@ def run_family(family: str, models: Path, out: Path, rank: int, world: int) -> N
 def run_scoring(family: str, models: Path, out: Path, rank: int, world: int) -> None:
     from esft_peft.scoring import score_experts
 
-    scores = score_experts(ep_base(models / family, world), scoring_data(), batch_size=2, token_budget=None,
-                           show_progress=False)
+    scores = score_experts(ep_base(models / family, world), scoring_data(), **SCORING)
     if rank == 0:
         scores.save(out / "scores.json")
 
@@ -112,12 +112,47 @@ def scoring_data() -> list[dict]:
     return [{"input_ids": torch.randint(3, COMMON["vocab_size"], (n,), generator=g).tolist()} for n in lengths]
 
 
+def run_errors(models: Path, out: Path, rank: int, world: int) -> None:
+    """The messages of the refused setups, and how many ESFT layers each left in the model."""
+    from transformers.distributed import DistributedConfig
+
+    from esft_peft import ESFTLayer
+
+    def wrapped(model) -> int:
+        return sum(isinstance(module, ESFTLayer) for module in model.modules())
+
+    errors = {}
+    base = ep_base(models / "qwen3_moe", world)
+    try:
+        get_peft_model(base, ESFTConfig(experts={"0": [1], "1": [8]}))
+    except ValueError as error:
+        errors["out_of_range"] = str(error)
+    errors["out_of_range_wrapped"] = wrapped(base)
+    try:
+        ep_base(models / "three_experts", world)
+    except ValueError as error:
+        errors["indivisible"] = str(error)
+    plan = {"model.layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+            "model.layers.*.mlp.experts.down_proj": "packed_rowwise", "model.layers.*.mlp.experts": "moe_tp_experts"}
+    tp = AutoModelForCausalLM.from_pretrained(
+        models / "qwen3_moe", distributed_config=DistributedConfig(tp_size=world, tp_plan=plan), dtype=torch.float32
+    )
+    try:
+        get_peft_model(tp, ESFTConfig(experts={"0": [1]}))
+    except ValueError as error:
+        errors["tensor_parallel_experts"] = str(error)
+    errors["tensor_parallel_experts_wrapped"] = wrapped(tp)
+    if rank == 0:
+        (out / "errors.json").write_text(json.dumps(errors, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--score", action="store_true")
+    parser.add_argument("--errors", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -125,6 +160,8 @@ def main() -> None:
         run_family(family, args.models, args.out, rank, world)
     if args.score:
         run_scoring(args.families[0], args.models, args.out, rank, world)
+    if args.errors:
+        run_errors(args.models, args.out, rank, world)
     dist.barrier()
 
 
