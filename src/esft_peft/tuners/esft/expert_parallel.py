@@ -35,8 +35,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ...moe.errors import UnsupportedLayoutError
-from ...moe.layouts.base import bind_arguments, call_arguments, ids_tensor, inverse_permutation, permute_rows, with_delta
-from ...moe.layouts.fused import _PairRows
+from ...moe.layouts.base import bind_arguments, call_arguments
+from ...moe.partitioned import logical_shape
+from ...moe.rows import ids_tensor, inverse_permutation, permute_rows
+from .compute import with_delta
+from .compute.fused import _PairRows
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +99,12 @@ def expert_shard(experts: nn.Module) -> Optional[ExpertShard]:
         )
     count = int(experts.num_experts)
     ep_rank, ep_size = mesh.get_local_rank("ep"), mesh.size(mesh.mesh_dim_names.index("ep"))
+    total = int(logical_shape(experts.down_proj)[0])
+    if count * ep_size != total:
+        raise UnsupportedLayoutError(
+            f"{type(experts).__name__} holds {total} experts, which ep_size={ep_size} does not divide into whole "
+            f"experts per rank ({count} local). Load the model with an ep_size that divides {total}."
+        )
     return ExpertShard(
         first=ep_rank * count, count=count, num_experts=count * ep_size, ep_rank=ep_rank, ep_size=ep_size,
         ep_group=mesh.get_group("ep"), dp_size=int(config.dp_size),
@@ -207,6 +216,11 @@ class ReplicatedGradients:
         if not (torch.is_grad_enabled() and delta.requires_grad):
             return delta
         _check_not_synced_elsewhere(delta)
+        if not delta.is_leaf:
+            raise RuntimeError(
+                "Training several ESFT adapters at once is not supported on a data-parallel model sharded by "
+                "transformers (their combined deltas have no gradient of their own to average). Train one adapter."
+            )
         self._used.setdefault(id(delta), delta)
         return _AverageAfterBackward.apply(delta, self)
 
@@ -265,6 +279,38 @@ def owned_rows(shard: ExpertShard, selected: list[int], whole: torch.Tensor) -> 
     return whole[torch.tensor(positions, dtype=torch.long, device=whole.device)]
 
 
+def attach_state_dict_hooks(layer: nn.Module, container: str) -> None:
+    """Make ``layer.state_dict()`` hold its whole adapters (owned rows gathered over the EP group: a collective) and
+    ``layer.load_state_dict`` accept whole adapters (keeping the owned rows). ``layer`` has ``expert_shard``,
+    ``ep_selected`` (adapter -> whole selection) and ``<container>[adapter][name]`` rows."""
+
+    def whole(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+        for adapter, selected in module.ep_selected.items():
+            for name in getattr(module, container)[adapter]:
+                key = f"{prefix}{container}.{adapter}.{name}"
+                if key in state_dict:
+                    state_dict[key] = gather_rows(module.expert_shard, selected, state_dict[key])
+
+    def owned(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        shard_loaded_rows(module, container, state_dict, prefix)
+
+    layer.register_state_dict_post_hook(whole)
+    layer.register_load_state_dict_pre_hook(owned)
+
+
+def shard_loaded_rows(layer: nn.Module, container: str, state_dict: dict, prefix: str) -> None:
+    """Replace, in ``state_dict``, whole adapter tensors of ``layer`` (``len(selection)`` rows) by this rank's rows."""
+    for adapter, selected in layer.ep_selected.items():
+        owned = layer.expert_shard.owned(selected)
+        if len(owned) == len(selected):
+            continue
+        for name in getattr(layer, container)[adapter]:
+            key = f"{prefix}{container}.{adapter}.{name}"
+            tensor = state_dict.get(key)
+            if tensor is not None and tensor.dim() and tensor.shape[0] == len(selected):
+                state_dict[key] = owned_rows(layer.expert_shard, selected, tensor)
+
+
 # ---------------------------------------------------------------------------------------------------- dense weights
 
 
@@ -280,6 +326,21 @@ def write_full_weight(param: torch.Tensor, value: torch.Tensor) -> None:
         param.to_local().copy_(local)
     else:
         param.copy_(value)
+
+
+def unsharded_auto_mapping(auto_mapping: dict) -> dict:
+    """peft's ``auto_mapping`` record of the base model class with FSDP2's dynamic wrapper class (``FSDP<Name>`` in
+    ``torch.distributed.fsdp``) replaced by the model class it wraps."""
+    from torch.distributed.fsdp import FSDPModule
+
+    name, library = auto_mapping.get("base_model_class"), auto_mapping.get("parent_library", "")
+    if not library.startswith("torch.distributed.fsdp"):
+        return auto_mapping
+    for wrapper in FSDPModule.__subclasses__():
+        if wrapper.__name__ == name:
+            model_class = next(c for c in wrapper.__mro__[1:] if not issubclass(c, FSDPModule))
+            return {**auto_mapping, "base_model_class": model_class.__name__, "parent_library": model_class.__module__}
+    return auto_mapping
 
 
 def reshard_all(model: nn.Module) -> None:
