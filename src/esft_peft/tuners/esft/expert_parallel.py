@@ -39,7 +39,7 @@ from ...moe.layouts.base import bind_arguments, call_arguments
 from ...moe.partitioned import logical_shape
 from ...moe.rows import ids_tensor, inverse_permutation, permute_rows
 from .compute import with_delta
-from .compute.fused import _PairRows
+from .compute.fused import FormedWeights, _PairRows
 
 logger = logging.getLogger(__name__)
 
@@ -356,6 +356,16 @@ def reshard_all(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------------- compute
 
 
+class _LocalFormed(FormedWeights):
+    """A rank's local expert tensors with the owned selected rows replaced by ``W[e] + delta[e]`` (``ids`` are local
+    rows), formed again in backward instead of being kept (see :class:`FormedWeights`)."""
+
+    def _form(self, name: str) -> torch.Tensor:
+        local = self.base[name]
+        index = ids_tensor(tuple(self.ids), local.device)
+        return local.index_put((index,), with_delta(local.index_select(0, index), self.deltas[name]))
+
+
 def _call_owned(
     target: nn.Module, names: list[str], shard: ExpertShard, owned: list[int], deltas: dict[str, torch.Tensor],
     args: tuple,
@@ -364,19 +374,18 @@ def _call_owned(
     shadowed by ``W[e] + delta[e]`` for the selected experts it owns."""
     if not owned:
         return target(*args)
+    formed = _LocalFormed({}, shard.local(owned), deltas)
 
     def shadow(module: nn.Module, _args: tuple) -> None:  # registered last: after FSDP2's unshard
-        index = ids_tensor(tuple(shard.local(owned)), args[0].device)
-        formed = {}
         for name in names:
             param = module._parameters[name]
-            local = param.to_local() if isinstance(param, DTensor) else param
-            formed[name] = local.index_put((index,), with_delta(local.index_select(0, index), deltas[name]))
-        vars(module).update(formed)
+            formed.base[name] = param.to_local() if isinstance(param, DTensor) else param
+        vars(module).update(formed.form())
 
     handle = target.register_forward_pre_hook(shadow)
     try:
-        return target(*args)
+        with formed.saving():
+            return target(*args)
     finally:
         handle.remove()
         for name in names:
