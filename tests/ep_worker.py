@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).parent))
 
 from esft_peft import ESFTConfig, find_moe_layers  # noqa: E402
+from esft_peft.training import gather_adapter_state_dict  # noqa: E402
 from tiny_families import COMMON  # noqa: E402
 
 FAMILIES = ("qwen3_moe", "deepseek_v2", "mixtral", "olmoe", "qwen2_moe")
@@ -89,7 +90,9 @@ def run_family(family: str, models: Path, out: Path, rank: int, world: int) -> N
     model = get_peft_model(base, esft_config(family, base)).train()
     losses = train(model, rank, world)
     trained = logits(model)
-    model.save_pretrained(out / family, is_main_process=rank == 0)
+    # peft gathers the whole state dict of a sharded model unless given the adapter's (docs/distributed.md)
+    adapter = {"state_dict": gather_adapter_state_dict(model)} if family == "mixtral" else {}
+    model.save_pretrained(out / family, is_main_process=rank == 0, **adapter)
     dist.barrier()
     loaded = PeftModel.from_pretrained(ep_base(models / family, world), out / family)
     reloaded = logits(loaded)
@@ -130,6 +133,11 @@ def run_errors(models: Path, out: Path, rank: int, world: int) -> None:
     except ValueError as error:
         errors["out_of_range"] = str(error)
     errors["out_of_range_wrapped"] = wrapped(base)
+    model = get_peft_model(base, ESFTConfig(experts={"0": [1]}))
+    try:
+        model(input_ids=global_batch(0)[:2], adapter_names=["default", "__base__"])
+    except ValueError as error:
+        errors["mixed_batch"] = str(error)
     try:
         ep_base(models / "three_experts", world)
     except ValueError as error:

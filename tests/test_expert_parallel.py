@@ -115,6 +115,7 @@ def test_ep_errors_are_clear_and_leave_the_model_unwrapped(two_ranks):
     assert "evenly shard 3 experts across 2" in errors["indivisible"]
     assert "inside each expert" in errors["tensor_parallel_experts"]
     assert errors["tensor_parallel_experts_wrapped"] == 0
+    assert "Cannot pass `adapter_names` on a model sharded by transformers" in errors["mixed_batch"]
 
 
 def test_four_ranks_equal_one_process(models, tmp_path):

@@ -127,6 +127,12 @@ class ESFTModel(SavedTensorChecks, BaseTuner):
                 "of samples sharing an adapter, so its logits would not be per sample. Run one adapter per batch "
                 "to get router logits."
             )
+        if expert_parallel.data_parallel_size(self.model) > 1:
+            raise ValueError(
+                "Cannot pass `adapter_names` on a model sharded by transformers (distributed_config): each group of "
+                "samples sharing an adapter runs its own forward, and the ranks' forwards are collectives that "
+                "must match. Run one adapter per batch (model.set_adapter)."
+            )
         with mixed_adapter_batch(self, adapter_names, set(self.peft_config), kwargs.get("num_beams")):
             yield
 
