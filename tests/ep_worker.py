@@ -8,8 +8,9 @@ For each family, the tiny model saved in ``--models/<family>`` is loaded with
 loop (forward, ``loss.backward()``, ``optimizer.step()``) on this rank's slice of each global batch; every rank calls
 ``save_pretrained`` (rank 0 writes). The saved adapter is loaded onto a fresh EP base with
 ``PeftModel.from_pretrained`` and merged with ``merge_and_unload``; the logits of the three models go to
-``--out/<family>/ep_logits.pt``. ``--score`` also scores the first family's base under EP. ``train`` and ``logits``
-are the same code the test runs in one process on the whole batch.
+``--out/<family>/ep_logits.pt``. ``--score`` also scores the first family's base under EP, ``--errors`` records the
+refusals, ``--pesc llama`` trains PESC on a dense model loaded with ``DistributedConfig(fsdp_size=WORLD_SIZE)``.
+``train``, ``logits`` and ``pesc_model`` are the same code the test runs in one process on the whole batch.
 """
 
 from __future__ import annotations
@@ -52,10 +53,10 @@ def esft_config(family: str, model) -> ESFTConfig:
     )
 
 
-def train(model, rank: int = 0, world: int = 1) -> list[float]:
+def train(model, rank: int = 0, world: int = 1, lr: float = LR) -> list[float]:
     """``STEPS`` SGD steps on this rank's slice of each global batch; the global mean losses."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM)
     losses = []
     for step in range(STEPS):
         ids = global_batch(step).chunk(world)[rank]
@@ -117,6 +118,34 @@ def scoring_data() -> list[dict]:
     return [{"input_ids": torch.randint(3, COMMON["vocab_size"], (n,), generator=g).tolist()} for n in lengths]
 
 
+PESC_LR = 1.0  # PESC's adapters have larger gradients than ESFT's deltas
+
+
+def pesc_model(base):
+    """A PESC model with a LoRA part, random adapters drawn from seed 0 (the load-balancing loss off: it is computed
+    from each rank's own routing statistics, as under DDP)."""
+    from esft_peft import PESCConfig
+
+    torch.manual_seed(0)
+    config = PESCConfig(num_experts=4, top_k=2, adapter_dim=8, adapter_dropout=0.0, lora_r=4, lora_dropout=0.0,
+                        router_aux_loss_coef=0.0)
+    return get_peft_model(base, config).train()
+
+
+def run_pesc(family: str, models: Path, out: Path, rank: int, world: int) -> None:
+    """PESC on a dense model loaded with DistributedConfig(fsdp_size=WORLD_SIZE) (FSDP2, transformers-native)."""
+    from transformers.distributed import DistributedConfig
+
+    base = AutoModelForCausalLM.from_pretrained(
+        models / family, distributed_config=DistributedConfig(fsdp_size=world), dtype=torch.float32
+    )
+    model = pesc_model(base)
+    losses = train(model, rank, world, lr=PESC_LR)
+    model.save_pretrained(out / f"pesc_{family}", is_main_process=rank == 0)
+    if rank == 0:
+        (out / f"pesc_{family}" / "losses.json").write_text(json.dumps(losses))
+
+
 def run_errors(models: Path, out: Path, rank: int, world: int) -> None:
     """The messages of the refused setups, and how many ESFT layers each left in the model."""
     from transformers.distributed import DistributedConfig
@@ -163,6 +192,7 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--score", action="store_true")
     parser.add_argument("--errors", action="store_true")
+    parser.add_argument("--pesc", nargs="*", default=[], help="dense families to train PESC on under FSDP2")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -172,6 +202,8 @@ def main() -> None:
         run_scoring(args.families[0], args.models, args.out, rank, world)
     if args.errors:
         run_errors(args.models, args.out, rank, world)
+    for family in args.pesc:
+        run_pesc(family, args.models, args.out, rank, world)
     dist.barrier()
 
 

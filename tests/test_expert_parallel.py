@@ -2,7 +2,8 @@
 
 One ``torchrun --nproc-per-node 2`` launch (gloo, CPU) of ``tests/ep_worker.py`` trains every family on models loaded
 with ``DistributedConfig(ep_size=2, fsdp_size=2)`` (each rank its half of the global batch), saves, reloads onto a
-fresh EP base, merges, scores, and checks the errors; a second launch runs one family on 4 processes. Each result is
+fresh EP base, merges, scores, checks the errors, and trains PESC on a dense model loaded with
+``DistributedConfig(fsdp_size=2)``; a second launch runs one family on 4 processes. Each result is
 compared here with the same code run in one process on the whole batch. Tolerance (float32): 1e-5 on losses, adapter
 values and logits.
 """
@@ -25,6 +26,7 @@ from transformers import AutoModelForCausalLM
 
 import ep_worker
 from esft_peft.scoring import ExpertScores, score_experts
+from tiny_dense import make_dense_model
 from tiny_families import make_model
 
 ROOT = Path(__file__).parent.parent
@@ -50,13 +52,14 @@ def models(tmp_path_factory) -> Path:
     for family in ep_worker.FAMILIES:
         make_model(family).save_pretrained(root / family)
     make_model("qwen3_moe", num_experts=3).save_pretrained(root / "three_experts")
+    make_dense_model("llama").save_pretrained(root / "llama")
     return root
 
 
 @pytest.fixture(scope="module")
 def two_ranks(models, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ep2")
-    torchrun(2, ["--models", models, "--out", out, "--families", *ep_worker.FAMILIES, "--score", "--errors"])
+    torchrun(2, ["--models", models, "--out", out, "--families", *ep_worker.FAMILIES, "--score", "--errors", "--pesc", "llama"])
     return out
 
 
@@ -116,6 +119,15 @@ def test_ep_errors_are_clear_and_leave_the_model_unwrapped(two_ranks):
     assert "inside each expert" in errors["tensor_parallel_experts"]
     assert errors["tensor_parallel_experts_wrapped"] == 0
     assert "Cannot pass `adapter_names` on a model sharded by transformers" in errors["mixed_batch"]
+
+
+def test_pesc_under_transformers_fsdp2_equals_one_process(two_ranks, models, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(models / "llama", dtype=torch.float32)
+    model = ep_worker.pesc_model(base)
+    losses = ep_worker.train(model, lr=ep_worker.PESC_LR)
+    model.save_pretrained(tmp_path / "single")
+    assert json.loads((two_ranks / "pesc_llama" / "losses.json").read_text()) == pytest.approx(losses, abs=ATOL)
+    assert_same_adapter(tmp_path / "single", two_ranks / "pesc_llama")
 
 
 def test_four_ranks_equal_one_process(models, tmp_path):

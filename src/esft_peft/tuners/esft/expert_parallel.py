@@ -15,9 +15,9 @@ function on local ids, all-to-all back) and FSDP2-shards the dense modules. ESFT
   An owned delta row receives, through the all-to-all's backward, the gradient of every rank's loss: it is divided
   by the data-parallel size (what FSDP2 does for the base experts, ``set_gradient_divide_factor``). A replicated
   trainable delta (shared experts, routers, non-expert modules; every delta when experts are not sharded) is an
-  ordinary tensor that FSDP2 does not manage: its gradient is averaged over the data-parallel group in backward.
-  Both are identity functions in the forward graph (:func:`synced`), so a plain loop and gradient accumulation
-  need no extra call.
+  ordinary tensor that FSDP2 does not manage: its gradient is averaged over the data-parallel group after each
+  backward pass (:class:`~esft_peft.tuners.data_parallel.ReplicatedGradients`). Both enter the forward graph as
+  identity functions, so a plain loop and gradient accumulation need no extra call.
 - **Saving and loading.** The layer's ``state_dict`` holds the whole adapter: owned rows are all-gathered over the
   EP group into the selection's order (every rank must call ``state_dict``/``save_pretrained``: pass
   ``is_main_process=(rank == 0)`` so that one rank writes). Loading a whole adapter keeps the owned rows.
@@ -38,6 +38,15 @@ from ...moe.errors import UnsupportedLayoutError
 from ...moe.layouts.base import bind_arguments, call_arguments
 from ...moe.partitioned import logical_shape
 from ...moe.rows import ids_tensor, inverse_permutation, permute_rows
+from ..data_parallel import (  # noqa: F401  (the tuner reaches them here)
+    ReplicatedGradients,
+    broadcast_replicated,
+    check_supported_parallelism,
+    data_parallel_size,
+    distributed_config,
+    replicated_sync,
+    unsharded_auto_mapping,
+)
 from .compute import with_delta
 from .compute.fused import FormedWeights, _PairRows
 
@@ -70,12 +79,6 @@ class ExpertShard:
     def local(self, ids: list[int]) -> list[int]:
         """Local indices (rows of this rank's expert tensors) of owned global ids."""
         return [e - self.first for e in ids]
-
-
-def distributed_config(module: nn.Module) -> Any:
-    """The ``DistributedConfig`` a model (or one of its modules holding the model config) was loaded with."""
-    config = getattr(module, "config", None)
-    return getattr(config, "distributed_config", None)
 
 
 def _ep_mesh_of(experts: nn.Module) -> Any:
@@ -117,33 +120,16 @@ def check_distributed_model(model: nn.Module) -> None:
     Supported: ``DistributedConfig(fsdp_size=N)`` and ``DistributedConfig(ep_size=N, fsdp_size=N)`` (each expert
     whole on one rank), with ``tp_size = pp_size = dp_replicate_size = 1``.
     """
+    check_supported_parallelism(model, "ESFT")
     config = distributed_config(model)
     if config is None or not getattr(model, "is_distributed_loading_by_transformers", False):
         return
-    unsupported = {name: getattr(config, name) for name in ("tp_size", "pp_size", "dp_replicate_size")}
-    unsupported = {name: size for name, size in unsupported.items() if size and size > 1}
-    if unsupported:
-        sizes = ", ".join(f"{name}={size}" for name, size in unsupported.items())
-        raise ValueError(
-            f"ESFT trains models loaded with DistributedConfig(ep_size=N, fsdp_size=N) or DistributedConfig("
-            f"fsdp_size=N); this model was loaded with {sizes}, whose replicated deltas would need gradient groups "
-            "ESFT does not build. Load it with tp_size=pp_size=dp_replicate_size=1 (e.g. DistributedConfig(ep_size="
-            "WORLD_SIZE, fsdp_size=WORLD_SIZE))."
-        )
     if config.ep_size > 1 and config.efsdp_size != 1:
         raise ValueError(
             f"ESFT under expert parallelism needs every expert whole on one rank (ep_size == fsdp_size * tp_size); "
             f"this model was loaded with ep_size={config.ep_size}, fsdp_size={config.fsdp_size}, so each expert is "
             f"further FSDP-sharded over {config.efsdp_size} ranks. Load it with ep_size={config.fsdp_size}."
         )
-
-
-def data_parallel_size(model: nn.Module) -> int:
-    """How many ranks train distinct slices of the batch on a model sharded by transformers at load time (1 else)."""
-    config = distributed_config(model)
-    if config is None or not getattr(model, "is_distributed_loading_by_transformers", False):
-        return 1
-    return int(config.dp_size)
 
 
 # ---------------------------------------------------------------------------------------------------- gradients
@@ -160,21 +146,6 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad / ctx.size, None
-
-
-class _AverageAfterBackward(torch.autograd.Function):
-    """Identity forward; its backward asks ``sync`` to average the parameter's gradient once the whole backward pass
-    has ended (collectives inside the pass could interleave differently on each rank with the EP all-to-alls)."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, sync: "ReplicatedGradients") -> torch.Tensor:
-        ctx.sync = sync
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        ctx.sync.schedule()
-        return grad, None
 
 
 def _check_not_synced_elsewhere(delta: torch.Tensor) -> None:
@@ -199,57 +170,6 @@ class ExpertRowGradients:
             return delta
         _check_not_synced_elsewhere(delta)
         return _ScaleGrad.apply(delta, self.size)
-
-
-class ReplicatedGradients:
-    """Gradients of replicated deltas (the same values on every rank), averaged over the data-parallel group once
-    per backward pass, after it: the parameters used by the forward are recorded in forward order (the same on every
-    rank), and their accumulated ``.grad`` is all-reduced in that order. Averaging after each pass is exact under
-    gradient accumulation (the part accumulated before is already equal on every rank)."""
-
-    def __init__(self, size: int, group: Any) -> None:
-        self.size, self.group = size, group
-        self._used: dict[int, torch.Tensor] = {}
-        self._scheduled = False
-
-    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and delta.requires_grad):
-            return delta
-        _check_not_synced_elsewhere(delta)
-        if not delta.is_leaf:
-            raise RuntimeError(
-                "Training several ESFT adapters at once is not supported on a data-parallel model sharded by "
-                "transformers (their combined deltas have no gradient of their own to average). Train one adapter."
-            )
-        self._used.setdefault(id(delta), delta)
-        return _AverageAfterBackward.apply(delta, self)
-
-    def schedule(self) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            # the engine's end-of-backward callback, as DDP and FSDP use it
-            torch.autograd.Variable._execution_engine.queue_callback(self._average)
-
-    def _average(self) -> None:
-        used, self._used, self._scheduled = list(self._used.values()), {}, False
-        for param in used:
-            if param.grad is None:
-                continue
-            dist.all_reduce(param.grad, group=self.group)
-            param.grad.div_(self.size)
-
-
-def replicated_sync(model: nn.Module) -> Optional[ReplicatedGradients]:
-    """The gradient averaging of replicated deltas on a data-parallel transformers-sharded model (None otherwise)."""
-    size = data_parallel_size(model)
-    return ReplicatedGradients(size, dist.group.WORLD) if size > 1 else None
-
-
-def broadcast_replicated(deltas: list[torch.Tensor]) -> None:
-    """Make replicated deltas identical on every rank (rank 0's values), e.g. random initialisations."""
-    with torch.no_grad():
-        for delta in deltas:
-            dist.broadcast(delta.data, src=0)
 
 
 # ---------------------------------------------------------------------------------------------------- save / load
@@ -326,21 +246,6 @@ def write_full_weight(param: torch.Tensor, value: torch.Tensor) -> None:
         param.to_local().copy_(local)
     else:
         param.copy_(value)
-
-
-def unsharded_auto_mapping(auto_mapping: dict) -> dict:
-    """peft's ``auto_mapping`` record of the base model class with FSDP2's dynamic wrapper class (``FSDP<Name>`` in
-    ``torch.distributed.fsdp``) replaced by the model class it wraps."""
-    from torch.distributed.fsdp import FSDPModule
-
-    name, library = auto_mapping.get("base_model_class"), auto_mapping.get("parent_library", "")
-    if not library.startswith("torch.distributed.fsdp"):
-        return auto_mapping
-    for wrapper in FSDPModule.__subclasses__():
-        if wrapper.__name__ == name:
-            model_class = next(c for c in wrapper.__mro__[1:] if not issubclass(c, FSDPModule))
-            return {**auto_mapping, "base_model_class": model_class.__name__, "parent_library": model_class.__module__}
-    return auto_mapping
 
 
 def reshard_all(model: nn.Module) -> None:
