@@ -9,7 +9,9 @@ loop (forward, ``loss.backward()``, ``optimizer.step()``) on this rank's slice o
 ``save_pretrained`` (rank 0 writes). The saved adapter is loaded onto a fresh EP base with
 ``PeftModel.from_pretrained`` and merged with ``merge_and_unload``; the logits of the three models go to
 ``--out/<family>/ep_logits.pt``. ``--score`` also scores the first family's base under EP, ``--errors`` records the
-refusals, ``--pesc llama`` trains PESC on a dense model loaded with ``DistributedConfig(fsdp_size=WORLD_SIZE)``.
+refusals, ``--pesc llama`` trains PESC on a dense model loaded with ``DistributedConfig(fsdp_size=WORLD_SIZE)``, and
+``--fsdp qwen3_moe`` runs the ESFT steps above on a model loaded that way (experts FSDP2-sharded, not EP), into
+``--out/fsdp``.
 ``train``, ``logits`` and ``pesc_model`` are the same code the test runs in one process on the whole batch.
 """
 
@@ -79,15 +81,18 @@ def logits(model) -> torch.Tensor:
     return model.eval()(input_ids=ids).logits.float()
 
 
-def ep_base(path: Path, world: int):
+def ep_base(path: Path, world: int, ep: bool = True):
+    """The model at ``path`` sharded by transformers: experts over ``ep`` (and dense modules by FSDP2), or every
+    module by FSDP2 alone (``ep=False``)."""
     from transformers.distributed import DistributedConfig
 
-    config = DistributedConfig(ep_size=world, fsdp_size=world)
+    config = DistributedConfig(ep_size=world, fsdp_size=world) if ep else DistributedConfig(fsdp_size=world)
     return AutoModelForCausalLM.from_pretrained(path, distributed_config=config, dtype=torch.float32)
 
 
-def run_family(family: str, models: Path, out: Path, rank: int, world: int) -> None:
-    base = ep_base(models / family, world)
+def run_family(family: str, models: Path, out: Path, rank: int, world: int, ep: bool = True) -> None:
+    out = out if ep else out / "fsdp"
+    base = ep_base(models / family, world, ep)
     model = get_peft_model(base, esft_config(family, base)).train()
     losses = train(model, rank, world)
     trained = logits(model)
@@ -95,7 +100,7 @@ def run_family(family: str, models: Path, out: Path, rank: int, world: int) -> N
     adapter = {"state_dict": gather_adapter_state_dict(model)} if family == "mixtral" else {}
     model.save_pretrained(out / family, is_main_process=rank == 0, **adapter)
     dist.barrier()
-    loaded = PeftModel.from_pretrained(ep_base(models / family, world), out / family)
+    loaded = PeftModel.from_pretrained(ep_base(models / family, world, ep), out / family)
     reloaded = logits(loaded)
     merged = logits(loaded.merge_and_unload())
     if rank == 0:
@@ -193,6 +198,7 @@ def main() -> None:
     parser.add_argument("--score", action="store_true")
     parser.add_argument("--errors", action="store_true")
     parser.add_argument("--pesc", nargs="*", default=[], help="dense families to train PESC on under FSDP2")
+    parser.add_argument("--fsdp", nargs="*", default=[], help="MoE families to train ESFT on under FSDP2 alone")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -204,6 +210,8 @@ def main() -> None:
         run_errors(args.models, args.out, rank, world)
     for family in args.pesc:
         run_pesc(family, args.models, args.out, rank, world)
+    for family in args.fsdp:
+        run_family(family, args.models, args.out, rank, world, ep=False)
     dist.barrier()
 
 

@@ -59,7 +59,8 @@ def models(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_ranks(models, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ep2")
-    torchrun(2, ["--models", models, "--out", out, "--families", *ep_worker.FAMILIES, "--score", "--errors", "--pesc", "llama"])
+    torchrun(2, ["--models", models, "--out", out, "--families", *ep_worker.FAMILIES, "--score", "--errors", "--pesc", "llama",
+                       "--fsdp", "qwen3_moe"])
     return out
 
 
@@ -119,6 +120,16 @@ def test_ep_errors_are_clear_and_leave_the_model_unwrapped(two_ranks):
     assert "inside each expert" in errors["tensor_parallel_experts"]
     assert errors["tensor_parallel_experts_wrapped"] == 0
     assert "Cannot pass `adapter_names` on a model sharded by transformers" in errors["mixed_batch"]
+
+
+def test_esft_under_transformers_fsdp2_alone_equals_one_process(two_ranks, models, tmp_path):
+    single, losses = one_process(models, "qwen3_moe", tmp_path / "single")
+    got = two_ranks / "fsdp" / "qwen3_moe"
+    assert json.loads((got / "losses.json").read_text()) == pytest.approx(losses, abs=ATOL)
+    assert_same_adapter(tmp_path / "single", got)
+    expected, ep = ep_worker.logits(single), torch.load(got / "ep_logits.pt")
+    for name in ("trained", "reloaded", "merged"):
+        torch.testing.assert_close(ep[name], expected, atol=ATOL, rtol=0, msg=name)
 
 
 def test_pesc_under_transformers_fsdp2_equals_one_process(two_ranks, models, tmp_path):

@@ -256,6 +256,8 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         views, ids = self.layout.expert_views(self.get_base_layer()), self.esft_expert_ids[adapter]
         if self.expert_shard is not None:
             views, ids = {n: v.to_local() for n, v in views.items()}, self.expert_shard.local(ids)
+        else:  # experts FSDP2-sharded without expert parallelism: whole (a collective)
+            views = {n: expert_parallel.full_weight(v) for n, v in views.items()}
         return views, torch.tensor(ids, dtype=torch.long, device=self._base_param().device)
 
     def base_weights(self, adapter: str) -> dict[str, torch.Tensor]:
@@ -278,7 +280,13 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
 
     def _write_base_weights(self, adapter: str, name: str, value: torch.Tensor) -> None:
         views, index = self._base_rows(adapter)
-        views[name][index] = value
+        stored = self.layout.expert_views(self.get_base_layer())[name]
+        if self.expert_shard is not None or views[name] is stored:  # the rows are (a view of) the stored tensor
+            views[name][index] = value
+        else:
+            whole = views[name].clone()
+            whole[index] = value
+            expert_parallel.write_full_weight(stored, whole)
 
     def _describe(self, adapter: str, name: str) -> str:
         return f"experts {self.esft_expert_ids[adapter]} ({name})"
