@@ -102,8 +102,8 @@ def launch(model_dir: Path, out: Path, ep: int) -> None:
 def table(results: list[dict]) -> str:
     one = next(r for r in results if r["ep"] == 1)["routed_expert_bytes"]
     mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
-    lines = ["| ep | rank | routed experts MiB | share of ep=1 | target <= | ESFT deltas MiB (routed) | AdamW state MiB "
-             "| dense base MiB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| ep | rank | routed experts MiB | share of ep=1 | target <= | ESFT deltas MiB (routed) "
+             "| AdamW state MiB | dense base MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["ep"], r["rank"])):
         share = r["routed_expert_bytes"] / one
         lines.append(f"| {r['ep']} | {r['rank']} | {mib(r['routed_expert_bytes'])} | {share:.4f} | "

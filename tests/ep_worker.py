@@ -51,7 +51,8 @@ def esft_config(family: str, model) -> ESFTConfig:
     """Two MoE layers: the first with experts all on EP rank 0 of 2 (rank 1 owns none), the second spread unevenly."""
     first, second = list(find_moe_layers(model))[:2]
     return ESFTConfig(
-        experts={first: [0, 2], second: [6, 1, 5]}, train_shared_experts=family in SHARED, train_router=family in ROUTER,
+        experts={first: [0, 2], second: [6, 1, 5]}, train_shared_experts=family in SHARED,
+        train_router=family in ROUTER,
     )
 
 

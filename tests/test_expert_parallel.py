@@ -59,8 +59,8 @@ def models(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_ranks(models, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ep2")
-    torchrun(2, ["--models", models, "--out", out, "--families", *ep_worker.FAMILIES, "--score", "--errors", "--pesc", "llama",
-                       "--fsdp", "qwen3_moe"])
+    torchrun(2, ["--models", models, "--out", out, "--families", *ep_worker.FAMILIES, "--score", "--errors",
+                 "--pesc", "llama", "--fsdp", "qwen3_moe"])
     return out
 
 

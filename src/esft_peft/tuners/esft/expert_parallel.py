@@ -25,7 +25,6 @@ function on local ids, all-to-all back) and FSDP2-shards the dense modules. ESFT
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -38,19 +37,15 @@ from ...moe.errors import UnsupportedLayoutError
 from ...moe.layouts.base import bind_arguments, call_arguments
 from ...moe.partitioned import logical_shape
 from ...moe.rows import ids_tensor, inverse_permutation, permute_rows
-from ..data_parallel import (  # noqa: F401  (the tuner reaches them here)
-    ReplicatedGradients,
+from ..data_parallel import (  # noqa: F401  (broadcast_replicated, data_parallel_size, replicated_sync: for the tuner)
     broadcast_replicated,
     check_supported_parallelism,
     data_parallel_size,
     distributed_config,
     replicated_sync,
-    unsharded_auto_mapping,
 )
 from .compute import with_delta
 from .compute.fused import FormedWeights, _PairRows
-
-logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------- sharding
@@ -305,9 +300,9 @@ def compute(
     ``W[e] + delta[e]`` for the ``selected`` experts (global ids; ``deltas`` hold the rows of the ``owned`` ones).
 
     Every rank makes both calls, also with no pair to send (they are collectives), and every rank's calls have a
-    backward (so that the all-to-alls' backward exchanges run everywhere, in the same order). The pairs are computed with one
-    slot per row and routing weight 1; the routing weights are applied to the pair outputs here, as the one-process
-    compute does, and a token's slots are summed as the experts implementations sum them.
+    backward (so that the all-to-alls' backward exchanges run everywhere, in the same order). The pairs are computed
+    with one slot per row and routing weight 1; the routing weights are applied to the pair outputs here, as the
+    one-process compute does, and a token's slots are summed as the experts implementations sum them.
     """
     hidden, top_k_index, top_k_weights = bind_arguments(call_arguments(target), args, kwargs, 3, "experts")
     shape = hidden.shape
