@@ -243,10 +243,16 @@ def check_quantized_base(model: nn.Module, enabled: bool, targets: dict[str, Any
     config = quantization_config(model)
     method = _method(config) if config is not None else ""
     for name, (layout, ids) in targets.items():
-        if layout is None:
-            continue
         module = model.get_submodule(name)
         module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        if layout is None:
+            if any(type(p).__name__ == "Int8Params" for p in module.parameters(recurse=False)):
+                raise ValueError(
+                    f"ESFT cannot train {name}: it is an 8-bit bitsandbytes layer ({type(module).__name__}), whose "
+                    "weights W + delta cannot be formed exactly. Load the base in 4-bit (its trained layers are then "
+                    "dequantized once, exactly) or unquantized, or leave the module out of the adapter."
+                )
+            continue
         odd = {n: v.dtype for n, v in layout.expert_views(module).items() if v.dtype not in FLOAT_DTYPES}
         if odd:
             raise ValueError(
@@ -274,3 +280,16 @@ def check_quantized_base(model: nn.Module, enabled: bool, targets: dict[str, Any
             "ESFTConfig(quantize_frozen_experts=False) to keep the routed experts in the dtype they were loaded in."
         )
     return four_bit_settings(model)
+
+
+def refuse_merge_on_4bit(module: nn.Module) -> None:
+    """Merging on a 4-bit base is refused: the model holds its frozen experts in 4-bit, not the base's weights, so
+    a merged checkpoint would not be the base plus the update."""
+    if frozen_store(module) is None and getattr(module, "esft_dequantized_from", None) is None:
+        return
+    raise ValueError(
+        "Cannot merge an ESFT adapter on a 4-bit base: the frozen experts are held in 4-bit, so the merged model would "
+        "not be the base's weights plus the update. Save the adapter, load the base unquantized (without "
+        "quantization_config), load the adapter there (PeftModel.from_pretrained) and call merge_and_unload(): the "
+        "selected experts get exactly W + delta, every other weight stays bit-identical."
+    )
