@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from esft_peft import find_moe_layers
 from esft_peft.moe.partitioned import logical_shape
+import modulelist_moe  # noqa: F401  (registers the ModuleList family with the Auto classes)
 from tiny_families import make_model
 
 _SAVED: dict[tuple, str] = {}
