@@ -71,8 +71,20 @@ def with_dequantized_experts(model: nn.Module, selected: dict[str, list[int]], b
                 weight = getattr(experts, name)
                 packed, state = bnb.quantize_4bit(weight[frozen].contiguous(), blocksize=blocksize,
                                                   compress_statistics=double_quant, quant_type=quant_type)
-                weight[frozen] = bnb.dequantize_4bit(packed, state)
+                weight[frozen] = reference_dequantize(packed, state)
     return model
+
+
+def reference_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
+    """4-bit values times their block's scale, in plain torch (bitsandbytes' format: two values per byte, the first
+    in the high nibble; the flat tensor cut in blocks of ``blocksize``): independent of bitsandbytes' kernels."""
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    nibbles = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 0xF], dim=1).reshape(-1).long()
+    values = state.code.float()[nibbles][: state.shape.numel()]
+    scale = absmax.float().repeat_interleave(state.blocksize)[: values.numel()]
+    return (values * scale).view(state.shape).to(state.dtype)
 
 
 def experts_bytes(experts: nn.Module) -> int:

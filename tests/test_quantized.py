@@ -225,3 +225,22 @@ def test_fp8_experts_are_refused():
                                                       requires_grad=False))
     with pytest.raises(ValueError, match="already quantized.*FP8/MXFP4 experts need a GPU"):
         get_peft_model(base, ESFTConfig(experts=selection(base)))
+
+
+@pytest.mark.parametrize("shape, kept", [((8, 32, 32), [0, 7]), ((8, 32, 32), [3]), ((5, 3, 7), [1]), ((6, 16, 40), [2, 4])])
+def test_store_dequantizes_like_the_reference(shape, kept):
+    """Whole-block experts are dequantized piece by piece, others at once; both equal a plain-torch dequantization
+    of bitsandbytes' packed values (its CPU kernel misreads tensors whose last dimension is not a multiple of the
+    blocksize, which the store avoids)."""
+    import bitsandbytes.functional as bnb
+    from esft_peft.tuners.esft.quantized import FourBitSettings, FrozenExperts4bit
+    from quantized_helpers import reference_dequantize
+
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    store = FrozenExperts4bit({"w": weight}, kept, FourBitSettings(quant_type="nf4", blocksize=64))
+    frozen = [e for e in range(shape[0]) if e not in kept]
+    packed, state = bnb.quantize_4bit(weight[frozen].contiguous(), blocksize=64, quant_type="nf4")
+    expected = weight.clone()
+    expected[frozen] = reference_dequantize(packed, state)
+    assert torch.equal(store.dequantized("w"), expected)
+    assert torch.equal(store.rows("w", kept[::-1]), weight[kept[::-1]])

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 STORE_NAME = "frozen_4bit"  # the store's name under the experts module (no "esft_": it is not adapter state)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEQUANTIZE_PIECES = 8  # a layer's frozen experts are dequantized in about this many pieces (bounds the transient copy)
 
 
 @dataclass(frozen=True)
@@ -162,10 +163,27 @@ class FrozenExperts4bit(nn.Module):
         kept = getattr(self, f"kept_{name}")
         if not self.frozen_ids:
             return kept
-        frozen = bnb.dequantize_4bit(getattr(self, f"packed_{name}"), self._state(name)).to(kept.dtype)
         whole = torch.empty(self.shapes[name], dtype=kept.dtype, device=kept.device)
-        whole.index_copy_(0, _index(self.frozen_ids, kept.device), frozen)
-        return whole.index_copy_(0, _index(self.kept_ids, kept.device), kept)
+        whole.index_copy_(0, _index(self.kept_ids, kept.device), kept)
+        packed, state = getattr(self, f"packed_{name}"), self._state(name)
+        per_expert = whole[0].numel()
+        if per_expert % state.blocksize or packed.dtype != torch.uint8:  # blocks straddle experts: all at once
+            frozen = _dequantize(packed, state).view(len(self.frozen_ids), *whole.shape[1:])
+            return whole.index_copy_(0, _index(self.frozen_ids, kept.device), frozen)
+        # Each expert owns whole blocks: dequantize a few consecutive frozen experts at a time into their rows (the
+        # transient copy is one piece, not all frozen experts), with the same kernel and block scales as one call.
+        absmax = state.absmax
+        if state.nested:
+            absmax = (bnb.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+        blocks = per_expert // state.blocksize
+        for position, first, count in _runs(self.frozen_ids, max(1, self.num_experts // DEQUANTIZE_PIECES)):
+            piece = bnb.QuantState(
+                absmax=absmax[position * blocks : (position + count) * blocks], shape=torch.Size((count * per_expert,)),
+                code=state.code, blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype,
+            )
+            bytes_ = slice(position * per_expert // 2, (position + count) * per_expert // 2)
+            whole[first : first + count] = _dequantize(packed[bytes_], piece).view(count, *whole.shape[1:])
+        return whole
 
     def rows(self, name: str, ids: list[int]) -> torch.Tensor:
         """The original rows of kept experts ``ids`` (in that order)."""
@@ -186,6 +204,31 @@ class FrozenExperts4bit(nn.Module):
         s = self.settings
         return (f"{s.quant_type}, blocksize={s.blocksize}, double_quant={s.double_quant}, "
                 f"kept={self.kept_ids}, frozen={len(self.frozen_ids)} experts")
+
+
+def _dequantize(packed: torch.Tensor, state: Any) -> torch.Tensor:
+    """``bitsandbytes.functional.dequantize_4bit``, flat. Its CPU kernel (0.50) takes a tensor's blocks row by row,
+    so it returns wrong values when the last dimension is not a multiple of the blocksize (e.g. a (..., 32) expert
+    weight at blocksize 64), although quantization runs over the flat tensor; rows of exactly one block (or a single
+    row) are read right on every backend."""
+    import bitsandbytes.functional as bnb
+
+    numel = state.shape.numel()
+    rows = (numel // state.blocksize, state.blocksize) if numel % state.blocksize == 0 else (1, numel)
+    flat = bnb.QuantState(absmax=state.absmax, shape=torch.Size(rows), code=state.code, blocksize=state.blocksize,
+                          quant_type=state.quant_type, dtype=state.dtype, offset=state.offset, state2=state.state2)
+    return bnb.dequantize_4bit(packed, flat).view(-1)
+
+
+def _runs(ids: list[int], longest: int) -> list[tuple[int, int, int]]:
+    """(position in ``ids``, first id, length) of runs of consecutive ids, at most ``longest`` long."""
+    runs: list[tuple[int, int, int]] = []
+    for position, expert in enumerate(ids):
+        if runs and runs[-1][1] + runs[-1][2] == expert and runs[-1][2] < longest:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((position, expert, 1))
+    return runs
 
 
 def _index(ids: list[int], device: torch.device) -> torch.Tensor:
