@@ -107,6 +107,23 @@ def test_one_layout_class_per_kind_and_every_family_detected():
     assert all(len(layouts) == 1 for layouts in found.values()), found
 
 
+def test_a_layout_says_how_experts_are_stored_and_its_users_key_on_its_kind():
+    """"Layout" names one thing: storage. ESFT's compute, scoring's routing capture and the official export mapping
+    live with their users, one entry per layout kind that they serve."""
+    from esft_peft.interop.official_mapping import MAPPINGS
+    from esft_peft.moe.layouts.base import ExpertsLayout
+    from esft_peft.scoring.routing_capture import CAPTURES
+    from esft_peft.tuners.esft.compute import COMPUTES
+
+    kinds = {layout.kind for layout in LAYOUTS}
+    assert set(CAPTURES) == kinds
+    assert set(COMPUTES) == kinds - {"module_list", "pesc"}  # ModuleList experts: module deltas; PESC: not ESFT's
+    assert set(MAPPINGS) <= kinds and {"fused", "module_list"} <= set(MAPPINGS)
+    uses = {"forward", "compute", "watch_routing", "official_projections"}
+    assert not uses & ({name for layout in LAYOUTS for name in vars(type(layout))} | set(vars(ExpertsLayout)))
+    assert all(compute.layout.kind == kind for kind, compute in COMPUTES.items())
+
+
 def test_no_private_transformers_api_is_used():
     """ESFT computes fused experts through the experts module itself (transformers' experts interface). (PESC's own
     adapter experts, outside this check, use transformers' grouped matmul.)"""

@@ -12,6 +12,7 @@ from torch import nn
 from ..defaults import PAPER_TOP_P
 from ..moe.discovery import find_moe_layers
 from ..scoring.comparison import concentration
+from ..scoring.routing_capture import capture_routing
 from ..scoring.scores import ExpertScores
 from ..scoring.selection import overlap, ranked
 
@@ -73,7 +74,7 @@ def selection_coverage(model: nn.Module, batch: dict[str, torch.Tensor], selecti
             reached[key] = torch.isin(index.reshape(counted.numel(), -1), chosen).any(dim=-1)
         return record
 
-    handles = [layers[key].layout.watch_routing(model, layers[key], recorder(key, torch.tensor(ids)))
+    handles = [capture_routing(model, layers[key], recorder(key, torch.tensor(ids)))
                for key, ids in selection.items()]
     was_training = model.training
     model.eval()

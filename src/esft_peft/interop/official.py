@@ -33,10 +33,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..defaults import EXPERT_CONFIG_NAME, OFFICIAL_WEIGHTS_NAME
-from ..moe.discovery import MoELayer, find_moe_layers
-from ..moe.layouts.base import PROJECTIONS, unwrap, with_delta
-from ..tuners.esft.config import ESFTConfig
 from ..files import atomic_directory_write
+from ..moe.discovery import MoELayer, find_moe_layers
+from ..moe.layouts.base import unwrap
+from ..tuners.esft.compute import with_delta
+from ..tuners.esft.config import ESFTConfig
+from .official_mapping import PROJECTIONS, official_projections
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def _expert_rows(model: nn.Module, layer: MoELayer, expert: int, adapter: Option
 def _projections(model: nn.Module, layer: MoELayer, expert: int, adapter: Optional[str] = None) -> dict:
     """One expert's gate/up/down base weights (or delta rows) in official orientation, as views."""
     experts = unwrap(model.get_submodule(layer.experts_name))
-    return layer.layout.official_projections(layer, experts, _expert_rows(model, layer, expert, adapter))
+    return official_projections(layer, experts, _expert_rows(model, layer, expert, adapter))
 
 
 def _expert_projections(peft_model: PeftModel, config: ESFTConfig, layers: dict[str, MoELayer], adapter: str):

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..moe.discovery import MoELayer
 from ..moe.errors import RoutingReadError
+from .routing_capture import capture_routing
 
 
 @dataclass
@@ -96,7 +97,7 @@ class RoutingRecorder:
 
     def _attach(self, key: str, layer: MoELayer) -> None:
         record = lambda index, weights: self._record(key, index, weights)  # noqa: E731
-        self._handles.append(layer.layout.watch_routing(self.model, layer, record))
+        self._handles.append(capture_routing(self.model, layer, record))
 
     def _record(self, key: str, index: torch.Tensor, weights: torch.Tensor) -> None:
         if self.mask is None:

@@ -1,32 +1,20 @@
 """Experts as an ``nn.ModuleList``/``nn.ModuleDict`` of MLP modules (DeepSeek's remote code used by the ESFT
 authors, switch-transformers and nllb-moe ``expert_{i}`` dicts).
 
-Each selected expert's modules with parameters are wrapped whole (module deltas, computed as
-``F.linear(x, W + delta)``); the router is read from its output, an integer top-K index and float weights of the same
-shape (remote-code DeepSeek: ``(topk_idx, topk_weight, aux_loss)``; others ``(weights, idx)``).
+Each selected expert's modules with parameters are wrapped whole (ESFT's module deltas); the router returns an integer
+top-K index and float weights of the same shape (remote-code DeepSeek: ``(topk_idx, topk_weight, aux_loss)``;
+others ``(weights, idx)``).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
 
-import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from ..errors import RoutingReadError, UnsupportedLayoutError
+from ..errors import UnsupportedLayoutError
 from ..partitioned import logical_shape
-from .base import (
-    PROJECTIONS,
-    Deltas,
-    ExpertsLayout,
-    RecordRouting,
-    is_experts_name,
-    named_base_modules,
-    router_of,
-    unwrap,
-)
+from .base import ExpertsLayout, is_experts_name, named_base_modules, unwrap
 
 
 class ModuleListExperts(ExpertsLayout):
@@ -63,33 +51,3 @@ class ModuleListExperts(ExpertsLayout):
             for name, module in named_base_modules(first)
             for param_name, param in module.named_parameters(recurse=False)
         }
-
-    def forward(self, target: nn.Module, ids: list[int], deltas: Deltas, args: tuple, kwargs: dict) -> Any:
-        raise UnsupportedLayoutError("ModuleList experts are trained through module deltas, not an experts layer.")
-
-    def watch_routing(self, model: nn.Module, layer: Any, record: RecordRouting) -> RemovableHandle:
-        key = layer.key
-
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            tensors = [t for t in (output if isinstance(output, (tuple, list)) else (output,)) if torch.is_tensor(t)]
-            for index in tensors:
-                if index.dtype in (torch.int64, torch.int32) and index.dim() >= 1:
-                    for weights in tensors:
-                        if weights.is_floating_point() and weights.shape == index.shape:
-                            record(index, weights)
-                            return
-            raise RoutingReadError(
-                f"Layer {key}: the gate returned {[tuple(t.shape) for t in tensors]} "
-                "without an integer top-K index and float weights of the same shape; cannot read its routing."
-            )
-
-        return router_of(model, layer).register_forward_hook(hook)
-
-    def official_projections(
-        self, layer: Any, experts: nn.Module, rows: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        if not set(PROJECTIONS) <= set(rows):
-            raise UnsupportedLayoutError(
-                f"Layer {layer.key}: ModuleList experts without gate_proj/up_proj/down_proj ({sorted(rows)})."
-            )
-        return {projection: rows[projection] for projection in PROJECTIONS}

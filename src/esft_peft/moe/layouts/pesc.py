@@ -2,19 +2,15 @@
 ``top_k`` of its adapter experts (:mod:`esft_peft.tuners.pesc`).
 
 The crafted layer is the experts container and the MoE block at once. Its router returns ``(logits, top_k_weights,
-top_k_index)``, which is what scoring records. ESFT cannot wrap these experts: they are trained by the PESC adapter
-itself.
+top_k_index)``. ESFT cannot wrap these experts: they are trained by the PESC adapter itself.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from ..errors import UnsupportedLayoutError
-from .base import Deltas, ExpertsLayout, RecordRouting, crafts_experts
+from .base import ExpertsLayout, crafts_experts
 
 ROUTER_CONTAINER = "pesc_router"  # the crafted layer's ModuleDict: adapter name -> router
 
@@ -52,15 +48,3 @@ class PESCExperts(ExpertsLayout):
     def expert_views(self, target: nn.Module) -> dict:
         self.check_wrappable(target)
         return {}
-
-    def forward(self, target: nn.Module, ids: list[int], deltas: Deltas, args: tuple, kwargs: dict) -> Any:
-        self.check_wrappable(target)
-
-    def watch_routing(self, model: nn.Module, layer: Any, record: RecordRouting) -> RemovableHandle:
-        router = active_router(model.get_submodule(layer.experts_name), f"Layer {layer.key}")
-
-        def hook(module: nn.Module, args: tuple, output: tuple) -> None:
-            _, weights, index = output
-            record(index, weights)
-
-        return router.register_forward_hook(hook)

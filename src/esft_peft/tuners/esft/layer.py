@@ -1,6 +1,6 @@
 """Tuner layers: trainable additive deltas for selected experts, and for whole modules.
 
-Both compute with ``W + delta`` formed by :func:`~esft_peft.moe.layouts.base.with_delta` (summed in the delta's
+Both compute with ``W + delta`` formed by :func:`~esft_peft.tuners.esft.compute.with_delta` (summed in the delta's
 dtype, rounded once to the weight's), which is also how merging writes the weights: a merged model computes with
 exactly the weights the adapter model used.
 """
@@ -15,8 +15,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...moe.layouts import ExpertsLayout
-from ...moe.layouts.base import with_delta
 from ...moe.partitioned import is_partitioned, logical_shape
+from .compute import compute_for, with_delta
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +159,9 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
     """Wraps an experts container; holds one delta row per *selected* expert (zeros unless ``init_weights=False``).
 
     ``esft_delta[adapter][param]`` has shape ``(len(ids), *per_expert_shape)``; row ``j`` belongs to expert
-    ``esft_expert_ids[adapter][j]``. The layout's route-split compute runs the pairs routed to selected experts
-    once with ``W[e] + delta[e]`` and every other pair with the frozen ``W``, so cost and memory follow the selection.
+    ``esft_expert_ids[adapter][j]``. The layout kind's route-split compute (:mod:`.compute`) runs the pairs routed to
+    selected experts once with ``W[e] + delta[e]`` and every other pair with the frozen ``W``, so cost and memory
+    follow the selection.
     """
 
     other_param_names = ("esft_expert_ids",)
@@ -176,6 +177,7 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         super().__init__()
         ESFTLayer.__init__(self, base_layer)
         self.layout = layout
+        self.experts_compute = compute_for(layout.kind)
         self.esft_expert_ids: dict[str, list[int]] = {}
         self.update_layer(adapter_name, expert_ids, init_weights)
 
@@ -232,7 +234,7 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         if not active:
             return self.base_layer(*args, **kwargs)
         ids, deltas = self.combined_deltas(active)
-        return self.layout.compute(self.get_base_layer(), ids, deltas, args, kwargs)
+        return self.experts_compute.compute(self.get_base_layer(), ids, deltas, args, kwargs)
 
     def _write_base_weights(self, adapter: str, name: str, value: torch.Tensor) -> None:
         index = torch.tensor(self.esft_expert_ids[adapter], device=self._base_param().device)

@@ -18,8 +18,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...moe.errors import UnsupportedLayoutError
-from ...moe.layouts.base import inverse_permutation, permute_rows
 from ...moe.layouts.pesc import ROUTER_CONTAINER
+from ...moe.rows import inverse_permutation, permute_rows
 from ..mixed_batch_common import BASE_ADAPTER
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,199 @@
+"""ESFT's compute of transformers' ``@use_experts_implementation`` experts (the ``fused`` layout).
+
+ESFT computes these experts through the module itself, so through transformers' experts interface
+(``ALL_EXPERTS_FUNCTIONS``, whichever implementation ``set_experts_implementation`` chose: eager, batched_mm,
+grouped_mm or one registered later). The (token, slot) pairs are split in two calls of the module, each with one
+slot per row (``top_k = 1``, routing weight 1), so the implementation returns one output per pair:
+
+- the pairs routed to frozen experts, with the module as it is;
+- the pairs routed to selected experts, with the module's per-expert tensors shadowed by the ``k`` selected rows,
+  ``W[e] + delta[e]`` (the ids renumbered ``0..k-1``).
+
+The pair outputs are put back in pair order, weighted and summed over the ``K`` slots as the implementations do
+(``(out * w).view(T, K, H).sum(dim=1)``), so under grouped_mm and batched_mm a zero delta reproduces the base bit
+for bit (on CPU, except where an elementwise step runs on a whole contiguous tensor: docs/concepts.md). The formed
+``W + delta`` is not kept for backward: it is formed again there (:class:`FormedWeights`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from ....moe.layouts.base import bind_arguments, call_arguments
+from ....moe.partitioned import logical_shape
+from ....moe.rows import expert_rows, ids_tensor, inverse_permutation, permute_rows
+from .base import Deltas, ExpertsCompute, with_delta
+
+
+class FormedWeights:
+    """The selected experts' tensors for one call (``W[ids] + delta`` where a delta is trained, ``t[ids]`` for the
+    other per-expert tensors), formed after the module's pre-forward hooks (so after a ZeRO-3 gather).
+
+    While :meth:`saving` is active, autograd saves a reference to how a formed tensor was made instead of the
+    tensor; backward forms it again (once per call, reused by every node that saved it). The sum is cheap next to
+    the matmuls that use it, and the forward keeps no copy of selected experts' weights for backward.
+    """
+
+    def __init__(self, base: dict[str, torch.Tensor], ids: list[int], deltas: Deltas) -> None:
+        self.base, self.ids, self.deltas = base, ids, deltas
+        self._storages: dict[int, str] = {}
+        self._again: dict[str, torch.Tensor] = {}
+
+    def _form(self, name: str) -> torch.Tensor:
+        rows = expert_rows(self.base[name], self.ids)
+        return with_delta(rows, self.deltas[name]) if name in self.deltas else rows
+
+    def form(self) -> dict[str, torch.Tensor]:
+        """The tensors for the call (not kept here: only the call holds them)."""
+        formed = {name: self._form(name) for name in self.base}
+        self._storages = {t.untyped_storage().data_ptr(): n for n, t in formed.items() if n in self.deltas}
+        return formed
+
+    def saving(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """Saved-tensor hooks for the call: formed tensors are saved as how to form them again; any other tensor
+        goes to the hooks that were active around the call (activation checkpointing, offloading), if any."""
+        outer = _active_saved_tensor_hooks()
+
+        def pack(tensor: torch.Tensor) -> Any:
+            name = self._storages.get(tensor.untyped_storage().data_ptr()) if tensor.numel() else None
+            if name is not None:
+                return _Recipe(self, name, tensor.size(), tensor.stride(), tensor.storage_offset())
+            return _Outer(outer[0](tensor)) if outer else tensor.detach()
+
+        def unpack(packed: Any) -> torch.Tensor:
+            if isinstance(packed, _Recipe):
+                return packed.tensor()
+            return outer[1](packed.packed) if isinstance(packed, _Outer) else packed
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    def again(self, name: str) -> torch.Tensor:
+        """Formed tensor ``name`` formed again (once, in backward)."""
+        if name not in self._again:
+            with torch.no_grad():
+                self._again[name] = self._form(name)
+        return self._again[name]
+
+
+class _Recipe(NamedTuple):
+    formed: FormedWeights
+    name: str
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+    def tensor(self) -> torch.Tensor:
+        return self.formed.again(self.name).as_strided(self.size, self.stride, self.offset)
+
+
+class _Outer(NamedTuple):
+    packed: Any
+
+
+def _active_saved_tensor_hooks() -> Optional[tuple[Callable, Callable]]:
+    """The saved-tensor hooks active now (torch lets only the innermost pair apply; this one passes tensors on)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top is not None else None
+
+
+def per_expert_tensors(experts: nn.Module, num_experts: int) -> dict[str, torch.Tensor]:
+    """The module's own parameters and buffers with one row per expert (weights, biases, scales)."""
+    tensors = {**dict(experts.named_parameters(recurse=False)), **dict(experts.named_buffers(recurse=False))}
+    return {name: t for name, t in tensors.items() if t.dim() and logical_shape(t)[0] == num_experts}
+
+
+def _call_selected(experts: nn.Module, ids: list[int], deltas: Deltas, args: tuple) -> torch.Tensor:
+    """``experts(*args)`` (ids ``0..k-1``) computed by the selected experts, with their ``W + delta``."""
+    formed = FormedWeights(per_expert_tensors(experts, experts.num_experts), ids, deltas)
+
+    def shadow(module: nn.Module, _args: tuple) -> None:  # registered last: runs after hooks that gather weights
+        vars(module).update(formed.form())
+
+    num_experts = experts.num_experts
+    handle = experts.register_forward_pre_hook(shadow)
+    experts.num_experts = len(ids)
+    try:
+        with formed.saving():
+            return experts(*args)
+    finally:
+        handle.remove()
+        experts.num_experts = num_experts
+        for name in formed.base:
+            vars(experts).pop(name, None)
+
+
+class _PairRows(torch.autograd.Function):
+    """``hidden[order // top_k]``: one row per (token, slot) pair, in ``order``. Its backward puts the pair gradients
+    back in pair order (a gather) and sums each token's ``top_k`` slots, instead of an accumulating scatter."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        ctx.top_k = top_k
+        return hidden.index_select(0, order // top_k)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (order,) = ctx.saved_tensors
+        grad = grad.index_select(0, inverse_permutation(order))
+        return grad.view(-1, ctx.top_k, grad.size(-1)).sum(dim=1), None, None
+
+
+def _fed(pairs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``pairs`` (sorted by ``keys``, each group in the wanted order) arranged so that ``torch.sort`` of their keys,
+    as an experts implementation sorts them, returns them in that order."""
+    fed = torch.empty_like(pairs)
+    fed[torch.sort(keys.index_select(0, pairs)).indices] = pairs
+    return fed
+
+
+class FusedCompute(ExpertsCompute):
+    kind = "fused"
+
+    def compute(self, target: nn.Module, ids: list[int], deltas: Deltas, args: tuple, kwargs: dict) -> torch.Tensor:
+        hidden, top_k_index, top_k_weights = bind_arguments(call_arguments(target), args, kwargs, 3, "experts")
+        shape = hidden.shape
+        hidden = hidden.reshape(-1, shape[-1])
+        num_tokens, num_top_k = hidden.size(0), top_k_index.size(-1)
+        device = hidden.device
+        experts = top_k_index.reshape(-1)
+
+        # Which pairs each call computes, and in which order they are fed: grouped_mm sorts a call's pairs by expert
+        # (an unstable sort) and a GEMM row's rounding depends on its position in its expert's group, so each call
+        # is fed its pairs such that its own sort puts every group in the base call's order (the unstable sort of
+        # one sequence is one permutation: the fed keys are that sorted sequence, the rows placed where the sort
+        # takes them from). Reading how many pairs reach selected experts is this forward's one host read.
+        lookup = torch.full((self.layout.num_experts(target),), -1, dtype=experts.dtype, device=device)
+        lookup[ids_tensor(tuple(ids), device)] = torch.arange(len(ids), dtype=experts.dtype, device=device)
+        local = lookup[experts]  # selected expert j -> j, any other -> -1
+        keys = torch.where(local < 0, experts, local)  # the expert id each pair has in its call
+        base_order = torch.sort(experts).indices  # the base call's grouping
+        base_order = base_order[torch.sort((local[base_order] < 0).to(torch.uint8), stable=True).indices]
+        selected = int((local >= 0).sum())
+        chosen, frozen = base_order[:selected], base_order[selected:]
+        chosen = chosen[torch.sort(keys[chosen], stable=True).indices]  # grouped by selected row j
+        order = torch.cat([_fed(chosen, keys), _fed(frozen, keys)])
+        rows = _PairRows.apply(hidden, order, num_top_k)
+        keys = keys.index_select(0, order).unsqueeze(-1)
+        # Each call weighs its pairs by one; the routing weights are applied below, on the pair outputs as the call
+        # returns them (its dtype: it rounds to the hidden dtype), with the base's own product and dtype promotion.
+        ones = hidden.new_ones(order.numel(), 1)
+        parts = []
+        if selected:
+            args = (rows[:selected], keys[:selected], ones[:selected])
+            parts.append(_call_selected(target, ids, deltas, args))
+        if selected < order.numel():
+            parts.append(target(rows[selected:], keys[selected:], ones[selected:]))
+        out = permute_rows(torch.cat(parts) if len(parts) > 1 else parts[0], inverse_permutation(order), order)
+        out = out * top_k_weights.reshape(-1, 1)
+        out = out.view(num_tokens, num_top_k, -1).sum(dim=1)  # as the implementations sum a token's slots
+        if not selected and torch.is_grad_enabled():  # no pair reached a selected expert: zero gradients, not none
+            out = out + sum(delta.sum() * 0 for delta in deltas.values())
+        return out.to(hidden.dtype).view(*shape[:-1], -1)
+
+    def forward(self, target: nn.Module, ids: list[int], deltas: Deltas, args: tuple, kwargs: dict) -> torch.Tensor:
+        return self.compute(target, ids, deltas, args, kwargs)
