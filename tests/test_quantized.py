@@ -7,7 +7,8 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from esft_peft import ESFTConfig, find_moe_layers
-from esft_peft.moe.layouts.base import unwrap, with_delta
+from esft_peft.moe.layouts.base import unwrap
+from esft_peft.tuners.esft.compute import with_delta
 from esft_helpers import batch, delta_params, logits, reload_in_fresh_process, selection, train_steps
 from quantized_helpers import (
     experts_bytes, first_store, fused_weight_names, load_4bit, load_plain, with_dequantized_experts,

@@ -80,6 +80,12 @@ class ESFTConfig(PeftConfig):
         init_weights: peft's convention: ``True`` (default) starts every delta at zero, so the adapter model
             reproduces the base exactly; ``False`` draws random deltas (normal, with std equal to the RMS of the base
             weights they update), so that an untrained adapter changes the outputs. For tests and debugging only.
+        quantize_frozen_experts: On a base loaded with ``BitsAndBytesConfig(load_in_4bit=True)`` (whose fused
+            experts transformers leaves unquantized), hold the routed experts the adapter does not select in 4-bit,
+            with the base's bitsandbytes settings; the selected experts keep their original weights and train as
+            ``W + delta``. The first adapter's selection is kept exact; later adapters select among it. ``False``
+            keeps the experts as loaded. No effect on other bases; an 8-bit base needs ``False``
+            (docs/training.md, "Quantized bases").
     """
 
     experts: dict[str, list[int]] = field(default_factory=dict, metadata={"help": "layer index -> expert ids"})
@@ -97,6 +103,9 @@ class ESFTConfig(PeftConfig):
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "unused by ESFT; keep None"})
     init_weights: bool = field(
         default=True, metadata={"help": "True: zero deltas (identity); False: random deltas, for tests"}
+    )
+    quantize_frozen_experts: bool = field(
+        default=True, metadata={"help": "on a 4-bit (bitsandbytes) base, hold the unselected fused experts in 4-bit"}
     )
 
     def __post_init__(self) -> None:
@@ -116,6 +125,8 @@ class ESFTConfig(PeftConfig):
             if isinstance(names, str) or not all(isinstance(name, str) and name for name in names):
                 raise ValueError("`train_non_expert_modules` must be a bool or a list of module-name suffixes.")
             self.train_non_expert_modules = list(names)
+        if not isinstance(self.quantize_frozen_experts, bool):
+            raise ValueError(f"`quantize_frozen_experts` must be True or False, got {self.quantize_frozen_experts!r}.")
         if not isinstance(self.init_weights, bool):
             raise ValueError(
                 f"`init_weights` must be True (zero deltas) or False (random deltas, for tests), got {self.init_weights!r}."

@@ -17,6 +17,7 @@ from torch import nn
 from ...moe.layouts import ExpertsLayout
 from ...moe.partitioned import is_partitioned, logical_shape
 from .compute import compute_for, with_delta
+from .quantized import frozen_store, refuse_merge_on_4bit
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class ESFTLayer(BaseTunerLayer):
         """Write ``W + delta`` (:func:`with_delta`, the weights the forward uses) into the base; the replaced
         weights are kept so that :meth:`unmerge` restores them bit for bit."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        refuse_merge_on_4bit(self.get_base_layer())
         with torch.no_grad():
             for adapter in adapter_names:
                 if adapter not in self.esft_delta:
@@ -189,9 +191,12 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
 
     def update_layer(self, adapter_name: str, expert_ids: list[int], init_weights: bool = True) -> None:
         specs = self.delta_specs(self.get_base_layer(), self.layout, expert_ids)
+        store = frozen_store(self.get_base_layer())
         deltas = nn.ParameterDict(
             {
-                name: _new_delta(shape, view, init_weights, rows=expert_ids)
+                name: _new_delta(shape, store.rows(name, expert_ids), init_weights)
+                if store is not None and name in store.shapes
+                else _new_delta(shape, view, init_weights, rows=expert_ids)
                 for name, (shape, view) in specs.items()
             }
         )
@@ -226,8 +231,11 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
     def base_weights(self, adapter: str) -> dict[str, torch.Tensor]:
         """The frozen weights under ``adapter``'s deltas (its selected experts' rows, aligned with the delta rows)."""
         views = self.layout.expert_views(self.get_base_layer())
-        index = torch.tensor(self.esft_expert_ids[adapter], device=self._base_param().device)
-        return {name: views[name][index] for name in self.esft_delta[adapter]}
+        ids = self.esft_expert_ids[adapter]
+        index = torch.tensor(ids, device=self._base_param().device)
+        store = frozen_store(self.get_base_layer())
+        return {name: store.rows(name, ids) if store is not None and name in store.shapes else views[name][index]
+                for name in self.esft_delta[adapter]}
 
     def forward(self, *args: Any, **kwargs: Any):
         active = self._adapters_to_apply()
