@@ -60,9 +60,10 @@ class ESFTModel(SavedTensorChecks, BaseTuner):
             new_module = ExpertsDeltaLayer(
                 target, spec.layout, adapter_name, list(spec.expert_ids), init_weights=peft_config.init_weights
             )
-            if self._four_bit is not None and spec.layout.kind == "fused":
-                hold_dequantized(target, quantize_frozen_experts(target, spec.layout, list(spec.expert_ids),
-                                                                 self._four_bit))
+            four_bit = getattr(self, "_four_bit", None)  # the base's 4-bit settings (quantized.py), or None
+            if four_bit is not None and spec.layout.kind == "fused":
+                store = quantize_frozen_experts(target, spec.layout, list(spec.expert_ids), four_bit)
+                hold_dequantized(target, store)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
