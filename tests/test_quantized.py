@@ -245,3 +245,17 @@ def test_store_dequantizes_like_the_reference(shape, kept):
     expected[frozen] = reference_dequantize(packed, state)
     assert torch.equal(store.dequantized("w"), expected)
     assert torch.equal(store.rows("w", kept[::-1]), weight[kept[::-1]])
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_store_follows_its_buffers_when_moved(double_quant):
+    """``.to(device)`` replaces the buffers; the quant state is rebuilt from them (here: moved by a copy)."""
+    from esft_peft.tuners.esft.quantized import FourBitSettings, FrozenExperts4bit
+
+    weight = torch.randn(8, 64, 32, generator=torch.Generator().manual_seed(1))
+    store = FrozenExperts4bit({"w": weight}, [2], FourBitSettings(double_quant=double_quant))
+    before = store.dequantized("w")
+    store._apply(lambda t: t.clone())
+    assert store._states["w"].absmax is not store.absmax_w
+    assert torch.equal(store.dequantized("w"), before)
+    assert store._states["w"].absmax is store.absmax_w

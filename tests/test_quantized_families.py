@@ -10,7 +10,7 @@ from peft import get_peft_model
 
 from esft_peft import ESFTConfig, find_moe_layers
 from esft_helpers import batch, delta_params, logits, selection
-from quantized_helpers import first_store, load_4bit, with_dequantized_experts
+from quantized_helpers import first_store, load_4bit, reference_dequantize, with_dequantized_experts
 from tiny_families import FAMILIES
 
 FUSED = [f for f in FAMILIES if f not in ("modulelist", "llama4_text", "jetmoe", "dbrx")]
@@ -51,6 +51,11 @@ def test_modulelist_selected_experts_train_on_their_dequantized_weights():
                 assert type(proj.get_base_layer()) is torch.nn.Linear
             else:
                 assert type(proj).__name__ == "Linear4bit"
+    original = load_4bit("modulelist")
+    key, ids = next(iter(chosen.items()))
+    quantized = original.get_submodule(f"{layers[key].expert_modules[ids[0]]}.up_proj").weight
+    linear = model.get_base_model().get_submodule(f"{layers[key].expert_modules[ids[0]]}.up_proj").get_base_layer()
+    assert torch.equal(linear.weight, reference_dequantize(quantized.data, quantized.quant_state))
     torch.testing.assert_close(logits(model), reference, atol=ATOL, rtol=0)
     _backward(model)
     with pytest.raises(ValueError, match="Cannot merge an ESFT adapter on a 4-bit base"):

@@ -262,10 +262,14 @@ def quantize_frozen_experts(
 def dequantized_linear(module: nn.Module) -> nn.Linear:
     """A bitsandbytes ``Linear4bit`` as the ``nn.Linear`` holding its dequantized weight (in the dtype it was loaded
     in): a selected ModuleList expert then trains as ``dequantized W + delta``, exactly."""
-    import bitsandbytes.functional as bnb
-
     weight = module.weight
-    values = bnb.dequantize_4bit(weight.data, weight.quant_state)
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        raise ValueError(
+            f"Cannot train {type(module).__name__}: bitsandbytes repacked its weight for its CPU inference kernels "
+            "(the model ran in eval mode without gradients on CPU before ESFT wrapped it). Create the adapter right "
+            "after loading the model, before running it."
+        )
+    values = _dequantize(weight.data, weight.quant_state).view(weight.quant_state.shape)
     linear = nn.Linear(values.shape[1], values.shape[0], bias=module.bias is not None, device=values.device,
                        dtype=values.dtype)
     with torch.no_grad():
