@@ -110,7 +110,7 @@ class FrozenExperts4bit(nn.Module):
         kept = set(kept_ids)
         self.frozen_ids = [e for e in range(self.num_experts) if e not in kept]
         self.shapes = {name: tuple(w.shape) for name, w in weights.items()}
-        self.dtypes = {name: w.dtype for name, w in weights.items()}
+        self.selected_call = False  # set while the selected experts' call runs (compute/fused.py)
         self._states: dict[str, Any] = {}
         for name, weight in weights.items():
             kept_rows = weight.detach().index_select(0, _index(self.kept_ids, weight.device))

@@ -182,7 +182,6 @@ def hold_dequantized(experts: nn.Module, store: FrozenExperts4bit) -> None:
             for name in store.shapes:
                 vars(module).pop(name, None)
 
-    store.selected_call = False
     experts.register_forward_pre_hook(before)
     experts.register_forward_hook(after, always_call=True)
 
