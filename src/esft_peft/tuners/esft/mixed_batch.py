@@ -2,12 +2,19 @@
 
 LoRA adds each sample's low-rank update to a shared base output. An ESFT delta instead changes the weights of the
 experts a token is routed to, and inside an MoE block the tokens of all samples are flattened and regrouped by
-expert, so which sample a row belongs to is lost below the block. The batch is therefore split where samples are
-still rows: at each MoE block that holds ESFT layers, and at each ESFT layer outside such blocks (attention
-projections, norms, dense MLPs, ...). There each group of samples that share an adapter runs once with that
-adapter (``"__base__"``: none), and the group outputs are put back in sample order. Everything else (attention
-across the sequence, the unadapted layers) runs on the whole batch as usual, so every sample computes exactly what
-it computes in a batch of the samples that use its adapter.
+expert, so which sample a row belongs to is lost below the block. Two designs:
+
+- one call (``mixed_experts.py``), at MoE blocks where ESFT wraps only fused experts (transformers' experts
+  interface): the block runs once on the whole batch, and its experts layer, told each sample's adapter, sends every
+  (token, expert) pair to its own adapter's expert in the same grouped calls one adapter uses;
+- per group, everywhere else: the batch is split where samples are still rows, at each MoE block that holds other
+  ESFT layers (a trained router or shared expert, other experts layouts) and at each ESFT layer outside such blocks
+  (attention projections, norms, dense MLPs, ...). There each group of samples that share an adapter runs once with
+  that adapter (``"__base__"``: none), and the group outputs are put back in sample order.
+
+Everything else (attention across the sequence, the unadapted layers) runs on the whole batch as usual, so every
+sample computes what it computes in a batch of the samples that use its adapter (to the GEMM rounding of rows
+grouped with other samples' rows: ``tests/test_mixed_adapters.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from ...moe.discovery import find_moe_layers
 from ..mixed_batch_common import BASE_ADAPTER, beam_expanded
 from ..mixed_batch_common import check_adapter_names as _check_names
 from .layer import ESFTLayer
+from .mixed_experts import groups_in_one_call, mixed_experts_forward
 
 
 def _scopes(model: nn.Module) -> dict[nn.Module, list[ESFTLayer]]:
@@ -73,15 +81,10 @@ def _combine(parts: list[Any], groups: list[torch.Tensor], batch: int, tokens: i
     )
 
 
-def _split_forward(
-    scope: nn.Module,
-    forward: Callable,
-    layers: list[ESFTLayer],
-    names_by_batch: dict[int, list[str]],
-    *args: Any,
-    **kwargs: Any,
-) -> Any:
-    """Call ``forward`` once per group of samples sharing an adapter, with ``layers`` applying that adapter."""
+def _batch_names(
+    scope: nn.Module, names_by_batch: dict[int, list[str]], args: tuple, kwargs: dict
+) -> tuple[list[str], torch.Tensor]:
+    """The adapter names of the samples ``scope`` is called with, and its first tensor argument (the hidden states)."""
     hidden = next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
     batch = None if hidden is None or not hidden.dim() else hidden.shape[0]
     names = names_by_batch.get(batch)
@@ -91,6 +94,33 @@ def _split_forward(
             "Length of `adapter_names` should be the same as the number of inputs, but got "
             f"{lengths} and {batch} respectively (at {type(scope).__name__})."
         )
+    return names, hidden
+
+
+def _one_call_forward(
+    scope: nn.Module, forward: Callable, current: list, names_by_batch: dict[int, list[str]], *args: Any, **kwargs: Any
+) -> Any:
+    """Call the MoE block ``forward`` once for the whole batch, its experts layers reading the samples' names from
+    ``current`` (``mixed_experts.py``)."""
+    names, _ = _batch_names(scope, names_by_batch, args, kwargs)
+    current.append(names)
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        current.pop()
+
+
+def _split_forward(
+    scope: nn.Module,
+    forward: Callable,
+    layers: list[ESFTLayer],
+    names_by_batch: dict[int, list[str]],
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """Call ``forward`` once per group of samples sharing an adapter, with ``layers`` applying that adapter."""
+    names, hidden = _batch_names(scope, names_by_batch, args, kwargs)
+    batch = len(names)
     groups: dict[str, list[int]] = {}
     for row, name in enumerate(names):
         groups.setdefault(name, []).append(row)
@@ -147,9 +177,20 @@ def mixed_adapter_batch(
     replaced: list[tuple[nn.Module, Optional[Callable]]] = []
     handles = []
     try:
+        cache: dict = {}  # routing tables of the one-call experts layers, per layer and batch
         for scope, inner in _scopes(tuner.model).items():
-            own = vars(scope).get("forward")
-            replaced.append((scope, own))
+            replaced.append((scope, vars(scope).get("forward")))
+            if scope not in inner and groups_in_one_call(inner):
+                current: list[list[str]] = []
+                vars(scope)["forward"] = lambda *a, _s=scope, _f=scope.forward, _c=current, **kw: _one_call_forward(
+                    _s, _f, _c, names_by_batch, *a, **kw
+                )
+                for layer in inner:
+                    replaced.append((layer, vars(layer).get("forward")))
+                    vars(layer)["forward"] = lambda *a, _l=layer, _c=current, **kw: mixed_experts_forward(
+                        _l, _c[-1], cache, a, kw
+                    )
+                continue
             vars(scope)["forward"] = lambda *a, _s=scope, _f=scope.forward, _l=inner, **kw: _split_forward(
                 _s, _f, _l, names_by_batch, *a, **kw
             )

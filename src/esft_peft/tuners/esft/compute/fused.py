@@ -215,7 +215,12 @@ def _fed(pairs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 class FusedCompute(ExpertsCompute):
     kind = "fused"
 
-    def compute(self, target: nn.Module, ids: list[int], deltas: Deltas, args: tuple, kwargs: dict) -> torch.Tensor:
+    def compute(
+        self, target: nn.Module, ids: list[int], deltas: Deltas, args: tuple, kwargs: dict,
+        pair_rows: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``pair_rows`` (a mixed-adapter batch, ``tuners/esft/mixed_experts.py``): per (token, slot) pair, the row
+        of ``ids``/``deltas`` computing it (``-1``: the frozen expert); by default the row of the pair's expert."""
         hidden, top_k_index, top_k_weights = bind_arguments(call_arguments(target), args, kwargs, 3, "experts")
         shape = hidden.shape
         hidden = hidden.reshape(-1, shape[-1])
@@ -228,9 +233,11 @@ class FusedCompute(ExpertsCompute):
         # is fed its pairs such that its own sort puts every group in the base call's order (the unstable sort of
         # one sequence is one permutation: the fed keys are that sorted sequence, the rows placed where the sort
         # takes them from). Reading how many pairs reach selected experts is this forward's one host read.
-        lookup = torch.full((self.layout.num_experts(target),), -1, dtype=experts.dtype, device=device)
-        lookup[ids_tensor(tuple(ids), device)] = torch.arange(len(ids), dtype=experts.dtype, device=device)
-        local = lookup[experts]  # selected expert j -> j, any other -> -1
+        if pair_rows is None:
+            lookup = torch.full((self.layout.num_experts(target),), -1, dtype=experts.dtype, device=device)
+            lookup[ids_tensor(tuple(ids), device)] = torch.arange(len(ids), dtype=experts.dtype, device=device)
+            pair_rows = lookup[experts]  # selected expert j -> j, any other -> -1
+        local = pair_rows
         keys = torch.where(local < 0, experts, local)  # the expert id each pair has in its call
         base_order = torch.sort(experts).indices  # the base call's grouping
         base_order = base_order[torch.sort((local[base_order] < 0).to(torch.uint8), stable=True).indices]
