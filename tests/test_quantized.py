@@ -259,3 +259,22 @@ def test_store_follows_its_buffers_when_moved(double_quant):
     assert store._states["w"].absmax is not store.absmax_w
     assert torch.equal(store.dequantized("w"), before)
     assert store._states["w"].absmax is store.absmax_w
+
+
+def test_mixed_adapter_batch_on_the_4bit_base():
+    model = adapted_4bit(init_weights=False)
+    key, ids = next(iter(model.peft_config["default"].experts.items()))
+    model.add_adapter("other", ESFTConfig(experts={key: ids[::-1]}, init_weights=False))
+    model.eval()
+    inputs = batch(9, (3, 16))
+    names = ["default", "other", "__base__"]
+    with torch.no_grad():
+        mixed = model(input_ids=inputs, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=inputs[row : row + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=inputs[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row], alone[0], atol=1e-6, rtol=0)
