@@ -5,18 +5,18 @@ from __future__ import annotations
 from typing import Optional
 
 from peft import PeftModel
-from peft.utils import get_peft_model_state_dict
 
 from ..tuners.pesc.config import PESCConfig
+from ..tuners.saved_checks import adapter_parameters
 from .card_section import card_section
 
 CARD_TAGS = ("pesc", "moe", "peft", "mixture-of-experts", "sparsity-crafting")
 
 
 def pesc_adapter_parameters(peft_model: PeftModel, adapter_name: str = "default") -> int:
-    """Number of values the adapter saves (routers, adapter experts and the LoRA part)."""
-    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
-    return sum(tensor.numel() for tensor in state.values())
+    """Number of values the adapter saves (routers, adapter experts and the LoRA part), counted on the tuner layers
+    (no collective on a sharded model, where only the writing rank builds the card)."""
+    return sum(tensor.numel() for tensor in adapter_parameters(peft_model, adapter_name).values())
 
 
 def pesc_model_card_text(

@@ -30,6 +30,7 @@ from ..moe.discovery import find_moe_layers
 from ..moe.errors import RoutingReadError
 from ..conversations import IGNORE_INDEX
 from .data import BatchStream, EmptyDataError, sequence_digest
+from .lockstep import forward_is_collective, in_lockstep
 from .recorder import BatchMask, LayerTotals, RoutingRecorder
 from .scores import AVERAGES, ExpertScores
 
@@ -113,9 +114,15 @@ def score_experts(
     recorder = RoutingRecorder(model, layers, per_sequence=average == "sequences")
     try:
         model.eval()
+        # a model sharded by transformers (expert parallelism, FSDP2) runs each forward on all ranks together
+        collective = forward_is_collective(model)
+        finished = lambda: budget is not None and counted_total >= budget  # noqa: E731
         with recorder, torch.no_grad():
-            for batch in stream:
-                if budget is not None and counted_total >= budget:
+            for batch in in_lockstep(stream, finished, device) if collective else stream:
+                if batch is None:  # another rank still has a batch: run along, counting nothing
+                    _idle_forward(model, recorder, device, forward_kwargs)
+                    continue
+                if finished():
                     break
                 counted = batch.attention_mask.bool()
                 if mask_prompt and batch.labels is not None:
@@ -126,6 +133,8 @@ def score_experts(
                 rows = counted.any(dim=1)
                 sequences_seen += len(rows)
                 if not rows.any():
+                    if collective:
+                        _idle_forward(model, recorder, device, forward_kwargs)
                     continue
                 digests += [sequence_digest(batch.input_ids[r], batch.attention_mask[r]) for r in rows.nonzero()[:, 0]]
                 recorder.mask = BatchMask(
@@ -173,6 +182,17 @@ def score_experts(
         metadata=_metadata(model, digests, counted_total, token_budget, max_length, batch_size, seed, mask_prompt,
                            world_size, truncated),
     )
+
+
+def _idle_forward(model: nn.Module, recorder: RoutingRecorder, device: torch.device, forward_kwargs: dict) -> None:
+    """A one-token forward whose routing is recorded as not counted (a rank keeping pace with the others)."""
+    recorder.mask = BatchMask(
+        counted=torch.zeros(1, dtype=torch.float64, device=device),
+        sequence=torch.zeros(1, dtype=torch.long, device=device),
+        num_sequences=1,
+    )
+    ids = torch.zeros((1, 1), dtype=torch.long, device=device)
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), **forward_kwargs)
 
 
 def _all_reduce(

@@ -93,13 +93,25 @@ class ExpertsLayout(ABC):
             shapes.update({f"{suffix}.{n}" if suffix else n: list(logical_shape(v)[1:]) for n, v in views.items()})
         return shapes
 
+    supports_expert_parallel: ClassVar[bool] = False  # transformers' expert parallelism (fused experts only)
+
     def check_wrappable(self, target: nn.Module) -> None:
-        """Raise a clear error when ``target`` cannot get deltas (expert parallelism, a missing private API)."""
-        if getattr(target, "_is_expert_parallel", False):
+        """Raise a clear error when ``target`` cannot get deltas (tensor parallelism inside the experts, expert
+        parallelism on a layout that has no compute for it, a missing private API)."""
+        for name, param in target.named_parameters(recurse=False):
+            inside = [p for p in getattr(param, "placements", ()) if getattr(p, "dim", 0) != 0]  # Shard-like
+            if inside:
+                raise UnsupportedLayoutError(
+                    f"{type(target).__name__}.{name} is sharded inside each expert by tensor parallelism "
+                    f"(placements {tuple(getattr(param, 'placements', ()))}): ESFT forms W[e] + delta[e] per whole "
+                    "expert. Drop the experts' rules from `tp_plan` and shard the experts whole with expert "
+                    "parallelism instead: DistributedConfig(ep_size=N, fsdp_size=N)."
+                )
+        if getattr(target, "_is_expert_parallel", False) and not self.supports_expert_parallel:
             raise UnsupportedLayoutError(
-                f"{type(target).__name__} is sharded with expert parallelism (`_is_expert_parallel`), which ESFT does "
-                "not support yet: each process would hold only some experts. Load the model without expert "
-                "parallelism (no `distributed_config`/`tp_plan` with experts) to train ESFT adapters."
+                f"{type(target).__name__} is sharded with expert parallelism (`_is_expert_parallel`), which ESFT "
+                f"supports for fused experts only, not for {self.kind} experts. Load the model without expert "
+                "parallelism (no `ep_size`) to train ESFT adapters."
             )
 
 

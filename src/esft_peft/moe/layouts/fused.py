@@ -16,6 +16,7 @@ from .base import ExpertsLayout, is_experts_name
 
 class FusedExperts(ExpertsLayout):
     kind = "fused"
+    supports_expert_parallel = True
 
     def detect(self, name: str, module: nn.Module) -> bool:
         if not is_experts_name(name):
@@ -41,7 +42,9 @@ class FusedExperts(ExpertsLayout):
 
     def check_wrappable(self, target: nn.Module) -> None:
         super().check_wrappable(target)
-        if getattr(target, "num_experts", None) != self.num_experts(target):
+        # under expert parallelism num_experts is the rank's local count (checked against ep_size by the tuner)
+        local = getattr(target, "_is_expert_parallel", False)
+        if not local and getattr(target, "num_experts", None) != self.num_experts(target):
             family = getattr(getattr(target, "config", None), "model_type", None) or type(target).__name__
             raise UnsupportedLayoutError(
                 f"ESFT cannot wrap the experts of this {family} model: {type(target).__name__}.num_experts is "

@@ -231,6 +231,10 @@ class ESFTConfig(PeftConfig):
         """Write ``adapter_config.json``; warn when the weights beside it were saved as a pickle (unloadable)."""
         from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
+        from ..data_parallel import unsharded_auto_mapping
+
+        if kwargs.get("auto_mapping_dict"):  # the model class, not FSDP2's wrapper class of a sharded model
+            kwargs["auto_mapping_dict"] = unsharded_auto_mapping(kwargs["auto_mapping_dict"])
         super().save_pretrained(save_directory, **kwargs)
         directory = Path(save_directory)
         if (directory / WEIGHTS_NAME).is_file() and not (directory / SAFETENSORS_WEIGHTS_NAME).is_file():

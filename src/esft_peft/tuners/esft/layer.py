@@ -8,7 +8,7 @@ exactly the weights the adapter model used.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
@@ -16,6 +16,7 @@ from torch import nn
 
 from ...moe.layouts import ExpertsLayout
 from ...moe.partitioned import is_partitioned, logical_shape
+from . import expert_parallel
 from .compute import compute_for, with_delta
 from .quantized import frozen_store, refuse_merge_on_4bit
 
@@ -106,6 +107,12 @@ class ESFTLayer(BaseTunerLayer):
         self._forced_adapters: Optional[list[str]] = None  # set while a mixed-adapter batch runs (mixed_batch.py)
         self._disable_adapters = False
         self.merged_adapters = []
+        # set by ESFTModel on a data-parallel model sharded by transformers (expert_parallel.py)
+        self.grad_sync: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    def _synced(self, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The deltas as the forward uses them: through the gradient synchronisation of a sharded model, if any."""
+        return deltas if self.grad_sync is None else {name: self.grad_sync(d) for name, d in deltas.items()}
 
     def _base_param(self) -> torch.Tensor:
         return next(self.get_base_layer().parameters())
@@ -164,9 +171,13 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
     ``esft_expert_ids[adapter][j]``. The layout kind's route-split compute (:mod:`.compute`) runs the pairs routed to
     selected experts once with ``W[e] + delta[e]`` and every other pair with the frozen ``W``, so cost and memory
     follow the selection.
+
+    Under transformers' expert parallelism (``shard``, :mod:`.expert_parallel`) the layer holds the rows of the
+    selected experts this rank owns (``esft_expert_ids``; the whole selection in ``ep_selected``), and its
+    ``state_dict`` holds the whole adapter.
     """
 
-    other_param_names = ("esft_expert_ids",)
+    other_param_names = ("esft_expert_ids", "ep_selected")
 
     def __init__(
         self,
@@ -175,12 +186,17 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         adapter_name: str,
         expert_ids: list[int],
         init_weights: bool = True,
+        shard: Optional[expert_parallel.ExpertShard] = None,
     ) -> None:
         super().__init__()
         ESFTLayer.__init__(self, base_layer)
         self.layout = layout
         self.experts_compute = compute_for(layout.kind)
         self.esft_expert_ids: dict[str, list[int]] = {}
+        self.expert_shard = shard
+        self.ep_selected: dict[str, list[int]] = {}
+        if shard is not None:
+            expert_parallel.attach_state_dict_hooks(self, DELTA_CONTAINER)
         self.update_layer(adapter_name, expert_ids, init_weights)
 
     @staticmethod
@@ -190,19 +206,33 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
                 for name, view in layout.expert_views(base).items()}
 
     def update_layer(self, adapter_name: str, expert_ids: list[int], init_weights: bool = True) -> None:
-        specs = self.delta_specs(self.get_base_layer(), self.layout, expert_ids)
-        store = frozen_store(self.get_base_layer())
-        deltas = nn.ParameterDict(
-            {
-                name: _new_delta(shape, store.rows(name, expert_ids), init_weights)
-                if store is not None and name in store.shapes
-                else _new_delta(shape, view, init_weights, rows=expert_ids)
-                for name, (shape, view) in specs.items()
-            }
-        )
+        shard = self.expert_shard
+        rows = list(expert_ids) if shard is None else shard.owned(list(expert_ids))
+        specs = self.delta_specs(self.get_base_layer(), self.layout, rows)
+        store = frozen_store(self.get_base_layer())  # a 4-bit base: the kept rows (quantized.py)
+        if shard is not None and not init_weights:  # the values one process would draw: drawn whole, rank 0's kept
+            deltas = nn.ParameterDict({name: self._owned_random_delta(view, list(expert_ids)) for name, (_, view)
+                                       in specs.items()})
+        else:
+            deltas = nn.ParameterDict(
+                {
+                    name: _new_delta(shape, store.rows(name, rows), init_weights)
+                    if store is not None and name in store.shapes
+                    else _new_delta(shape, view, init_weights, rows=rows)
+                    for name, (shape, view) in specs.items()
+                }
+            )
         self.esft_delta[adapter_name] = deltas
-        self.esft_expert_ids[adapter_name] = list(expert_ids)
+        self.esft_expert_ids[adapter_name] = rows
+        if shard is not None:
+            self.ep_selected[adapter_name] = list(expert_ids)
         self.set_adapter(self.active_adapters)
+
+    def _owned_random_delta(self, view: torch.Tensor, expert_ids: list[int]) -> nn.Parameter:
+        full = expert_parallel.full_weight(view)
+        whole = _new_delta((len(expert_ids), *full.shape[1:]), full, False, rows=expert_ids)
+        expert_parallel.broadcast_replicated([whole])
+        return nn.Parameter(expert_parallel.owned_rows(self.expert_shard, expert_ids, whole.data))
 
     def combined_deltas(
         self, adapters: list[str], weights: Optional[list[float]] = None
@@ -228,12 +258,21 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
             combined[param] = torch.stack(rows)
         return ids, combined
 
+    def _base_rows(self, adapter: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The tensors holding this rank's experts (local shards under expert parallelism) and the rows of
+        ``adapter``'s experts in them."""
+        views, ids = self.layout.expert_views(self.get_base_layer()), self.esft_expert_ids[adapter]
+        if self.expert_shard is not None:
+            views, ids = {n: v.to_local() for n, v in views.items()}, self.expert_shard.local(ids)
+        else:  # experts FSDP2-sharded without expert parallelism: whole (a collective)
+            views = {n: expert_parallel.full_weight(v) for n, v in views.items()}
+        return views, torch.tensor(ids, dtype=torch.long, device=self._base_param().device)
+
     def base_weights(self, adapter: str) -> dict[str, torch.Tensor]:
         """The frozen weights under ``adapter``'s deltas (its selected experts' rows, aligned with the delta rows)."""
-        views = self.layout.expert_views(self.get_base_layer())
+        views, index = self._base_rows(adapter)
+        store = frozen_store(self.get_base_layer())  # a 4-bit base: the kept rows (quantized.py)
         ids = self.esft_expert_ids[adapter]
-        index = torch.tensor(ids, device=self._base_param().device)
-        store = frozen_store(self.get_base_layer())
         return {name: store.rows(name, ids) if store is not None and name in store.shapes else views[name][index]
                 for name in self.esft_delta[adapter]}
 
@@ -242,11 +281,23 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         if not active:
             return self.base_layer(*args, **kwargs)
         ids, deltas = self.combined_deltas(active)
+        deltas = self._synced(deltas)
+        if self.expert_shard is not None:
+            selected = list(dict.fromkeys(e for name in active for e in self.ep_selected[name]))
+            return expert_parallel.compute(
+                self.get_base_layer(), self.expert_shard, selected, ids, deltas, args, kwargs
+            )
         return self.experts_compute.compute(self.get_base_layer(), ids, deltas, args, kwargs)
 
     def _write_base_weights(self, adapter: str, name: str, value: torch.Tensor) -> None:
-        index = torch.tensor(self.esft_expert_ids[adapter], device=self._base_param().device)
-        self.layout.expert_views(self.get_base_layer())[name][index] = value
+        views, index = self._base_rows(adapter)
+        stored = self.layout.expert_views(self.get_base_layer())[name]
+        if self.expert_shard is not None or views[name] is stored:  # the rows are (a view of) the stored tensor
+            views[name][index] = value
+        else:
+            whole = views[name].clone()
+            whole[index] = value
+            expert_parallel.write_full_weight(stored, whole)
 
     def _describe(self, adapter: str, name: str) -> str:
         return f"experts {self.esft_expert_ids[adapter]} ({name})"
@@ -295,18 +346,18 @@ class ModuleDeltaLayer(nn.Module, ESFTLayer):
         return total
 
     def base_weights(self, adapter: str) -> dict[str, torch.Tensor]:
-        """The frozen parameters under ``adapter``'s deltas."""
+        """The frozen parameters under ``adapter``'s deltas (whole, also where FSDP2 shards them)."""
         params = dict(self.get_base_layer().named_parameters(recurse=False))
-        return {name: params[name] for name in self.esft_delta[adapter]}
+        return {name: expert_parallel.full_weight(params[name]) for name in self.esft_delta[adapter]}
 
     def forward(self, *args: Any, **kwargs: Any):
         active = self._adapters_to_apply()
         if not active:
             return self.base_layer(*args, **kwargs)
-        return _call_with_deltas(self.get_base_layer(), self.combined_deltas(active), args, kwargs)
+        return _call_with_deltas(self.get_base_layer(), self._synced(self.combined_deltas(active)), args, kwargs)
 
     def _write_base_weights(self, adapter: str, name: str, value: torch.Tensor) -> None:
-        dict(self.get_base_layer().named_parameters(recurse=False))[name].copy_(value)
+        expert_parallel.write_full_weight(dict(self.get_base_layer().named_parameters(recurse=False))[name], value)
 
     def _describe(self, adapter: str, name: str) -> str:
         return name

@@ -9,8 +9,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from . import expert_parallel
 from .config import ESFTConfig
-from .layer import ESFTLayer, ExpertsDeltaLayer, ModuleDeltaLayer
+from .layer import DELTA_CONTAINER, ESFTLayer, ExpertsDeltaLayer, ModuleDeltaLayer
 from ..saved_checks import SavedTensorChecks
 from .mixed_batch import mixed_adapter_batch
 from .quantized import check_quantized_base, dequantized_linear, is_bnb_quantized, quantize_frozen_experts
@@ -58,12 +59,14 @@ class ESFTModel(SavedTensorChecks, BaseTuner):
             new_module = ModuleDeltaLayer(target, adapter_name, init_weights=peft_config.init_weights)
         else:
             new_module = ExpertsDeltaLayer(
-                target, spec.layout, adapter_name, list(spec.expert_ids), init_weights=peft_config.init_weights
+                target, spec.layout, adapter_name, list(spec.expert_ids), init_weights=peft_config.init_weights,
+                shard=expert_parallel.expert_shard(target),
             )
             four_bit = getattr(self, "_four_bit", None)  # the base's 4-bit settings (quantized.py), or None
             if four_bit is not None and spec.layout.kind == "fused":
                 store = quantize_frozen_experts(target, spec.layout, list(spec.expert_ids), four_bit)
                 hold_dequantized(target, store)
+        new_module.grad_sync = self._grad_sync(new_module)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -84,6 +87,37 @@ class ESFTModel(SavedTensorChecks, BaseTuner):
         finally:
             del self._injecting
             self.__dict__.pop("_four_bit", None)
+        if expert_parallel.data_parallel_size(model) > 1:  # replicated deltas start equal on every rank
+            expert_parallel.broadcast_replicated([
+                delta for module in model.modules()
+                if isinstance(module, ESFTLayer) and adapter_name in module.esft_delta
+                and getattr(module, "expert_shard", None) is None
+                for delta in module.esft_delta[adapter_name].values()
+            ])
+
+    def _grad_sync(self, layer: ESFTLayer) -> Any:
+        """How ``layer``'s deltas join the backward on a data-parallel model sharded by transformers (None otherwise):
+        sharded expert rows are scaled, replicated deltas averaged after each backward (one averaging per model)."""
+        size = expert_parallel.data_parallel_size(self.model)
+        if size == 1:
+            return None
+        if getattr(layer, "expert_shard", None) is not None:
+            return expert_parallel.ExpertRowGradients(size)
+        if "_replicated_gradients" not in self.__dict__:
+            self.__dict__["_replicated_gradients"] = expert_parallel.replicated_sync(self.model)
+        return self.__dict__["_replicated_gradients"]
+
+    @classmethod
+    def _shard_loaded(cls, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+        """A whole saved adapter loaded onto an expert-parallel model keeps each rank's rows."""
+        for name, module in model.named_modules():
+            if isinstance(module, ExpertsDeltaLayer) and module.expert_shard is not None:
+                expert_parallel.shard_loaded_rows(module, DELTA_CONTAINER, state_dict, f"{name}.")
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        if expert_parallel.data_parallel_size(self.model) > 1:  # merges write FSDP2's sharded parameters
+            expert_parallel.reshard_all(self.model)
+        return super()._unload_and_optionally_merge(*args, **kwargs)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -105,6 +139,12 @@ class ESFTModel(SavedTensorChecks, BaseTuner):
                 "Cannot pass `adapter_names` together with output_router_logits=True: the router runs once per group "
                 "of samples sharing an adapter, so its logits would not be per sample. Run one adapter per batch "
                 "to get router logits."
+            )
+        if expert_parallel.data_parallel_size(self.model) > 1:
+            raise ValueError(
+                "Cannot pass `adapter_names` on a model sharded by transformers (distributed_config): each group of "
+                "samples sharing an adapter runs its own forward, and the ranks' forwards are collectives that "
+                "must match. Run one adapter per batch (model.set_adapter)."
             )
         with mixed_adapter_batch(self, adapter_names, set(self.peft_config), kwargs.get("num_beams")):
             yield

@@ -12,6 +12,7 @@ from ...moe.layouts import ExpertsLayout
 from ...moe.layouts.base import unwrap
 from ..saved_checks import check_base_model_type
 from .config import ESFTConfig
+from .expert_parallel import check_distributed_model, expert_shard
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ def plan_targets(model: nn.Module, config: ESFTConfig) -> dict[str, Target]:
             plan.update(_dense_targets(model, [layer.expert_modules[e] for e in ids]))
         for name in layer.delta_targets:
             layer.layout.check_wrappable(unwrap(model.get_submodule(name)))
+            expert_shard(unwrap(model.get_submodule(name)))  # checks the expert-parallel sharding, if any
             plan[name] = Target(layer.layout, tuple(ids))
         if config.train_shared_experts:
             if not layer.shared_names:
@@ -168,4 +170,5 @@ def plan_targets(model: nn.Module, config: ESFTConfig) -> dict[str, Target]:
     if config.train_non_expert_modules:
         plan.update(_non_expert_targets(model, config, layers))
     _check_not_nested(plan)
+    check_distributed_model(model)
     return plan

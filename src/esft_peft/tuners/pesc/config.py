@@ -9,6 +9,8 @@ from typing import Any, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from ..data_parallel import unsharded_auto_mapping
+
 PEFT_TYPE_NAME = "PESC"
 ALL_LINEAR = "all-linear"
 
@@ -130,6 +132,12 @@ class PESCConfig(PeftConfig):
     @property
     def uses_lora(self) -> bool:
         return self.lora_r > 0
+
+    def save_pretrained(self, save_directory: Any, **kwargs: Any) -> None:
+        """Write ``adapter_config.json``, recording the model class, not FSDP2's wrapper class of a sharded model."""
+        if kwargs.get("auto_mapping_dict"):
+            kwargs["auto_mapping_dict"] = unsharded_auto_mapping(kwargs["auto_mapping_dict"])
+        super().save_pretrained(save_directory, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):

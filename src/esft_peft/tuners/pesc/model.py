@@ -14,8 +14,9 @@ from peft.tuners.tuners_utils import BaseTuner, get_device_map
 from peft.utils import AuxiliaryTrainingWrapper, _get_submodules
 from torch import nn
 
+from ..data_parallel import broadcast_replicated, check_supported_parallelism, data_parallel_size, replicated_sync
 from ..mixed_batch_common import beam_expanded, check_adapter_names
-from ..saved_checks import SavedTensorChecks
+from ..saved_checks import SavedTensorChecks, adapter_parameters
 from .config import ALL_LINEAR, PESCConfig
 from .layer import PESCLayer, require_grouped_mm
 from .loss import attach_routing_record, aux_loss_of_record, detach_routing_record, routing_record
@@ -82,6 +83,7 @@ class PESCModel(SavedTensorChecks, BaseTuner):
         """Plan the adapter's targets (one plan per adapter, kept on the tuner; the config stays plain data), then
         let peft inject it."""
         require_grouped_mm()
+        check_supported_parallelism(model, "PESC")
         plans: dict[str, Plan] = vars(self).setdefault("plans", {})  # set before BaseTuner.__init__ returns
         plans[adapter_name] = plan_targets(model, self.peft_config[adapter_name])
         self._injecting = adapter_name  # the adapter whose plan _check_target_module_exists reads
@@ -89,6 +91,11 @@ class PESCModel(SavedTensorChecks, BaseTuner):
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:
             self._injecting = None
+        if data_parallel_size(model) > 1:  # FSDP2 (transformers-native) leaves the adapter's tensors to the tuner
+            params = list(adapter_parameters(model, adapter_name).values())
+            broadcast_replicated(params)
+            sync = vars(self).setdefault("_replicated_gradients", replicated_sync(model))
+            sync.watch([param for param in params if param.requires_grad])
         # record routing for the aux loss (also on this path: inject_adapter_in_model, where no tuner outlives it)
         attach_routing_record(model, self._model_aux_loss)
 

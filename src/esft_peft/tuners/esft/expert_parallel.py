@@ -1,0 +1,329 @@
+"""ESFT under transformers' native expert parallelism (``from_pretrained(..., distributed_config=
+DistributedConfig(ep_size=N, fsdp_size=N))``) and its FSDP2 data parallelism.
+
+transformers' engine shards each experts module over the ``ep`` mesh (``Shard(0)``: rank ``r`` holds the
+``num_experts / N`` consecutive experts from ``r * num_experts / N``), replaces its forward by a dispatch
+(``EPImplementation``: all-to-all of the (token, slot) pairs to the ranks owning their experts, the experts' own
+function on local ids, all-to-all back) and FSDP2-shards the dense modules. ESFT plugs into it as follows:
+
+- **Deltas follow the experts.** A rank holds delta rows only for the selected experts it owns
+  (:class:`ExpertShard`). The experts module is called exactly as the MoE block calls it (global ids, through its
+  hooks: FSDP2's unshard, the EP dispatch), twice: once with the pairs routed to frozen experts, once with the pairs
+  routed to selected experts while the rank's local weights are shadowed by ``W[e] + delta[e]`` for the selected
+  experts it owns. The routing weights are applied outside both calls, as in the one-process compute.
+- **Gradients.** Every rank trains on its own slice of the global batch and its loss is the mean over that slice.
+  An owned delta row receives, through the all-to-all's backward, the gradient of every rank's loss: it is divided
+  by the data-parallel size (what FSDP2 does for the base experts, ``set_gradient_divide_factor``). A replicated
+  trainable delta (shared experts, routers, non-expert modules; every delta when experts are not sharded) is an
+  ordinary tensor that FSDP2 does not manage: its gradient is averaged over the data-parallel group after each
+  backward pass (:class:`~esft_peft.tuners.data_parallel.ReplicatedGradients`). Both enter the forward graph as
+  identity functions, so a plain loop and gradient accumulation need no extra call.
+- **Saving and loading.** The layer's ``state_dict`` holds the whole adapter: owned rows are all-gathered over the
+  EP group into the selection's order (every rank must call ``state_dict``/``save_pretrained``: pass
+  ``is_main_process=(rank == 0)`` so that one rank writes). Loading a whole adapter keeps the owned rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ...moe.errors import UnsupportedLayoutError
+from ...moe.layouts.base import bind_arguments, call_arguments
+from ...moe.partitioned import logical_shape
+from ...moe.rows import ids_tensor, inverse_permutation, permute_rows
+from ..data_parallel import (  # noqa: F401  (broadcast_replicated, data_parallel_size, replicated_sync: for the tuner)
+    broadcast_replicated,
+    check_supported_parallelism,
+    data_parallel_size,
+    distributed_config,
+    replicated_sync,
+)
+from .compute import with_delta
+from .compute.fused import FormedWeights, _PairRows
+
+
+# ---------------------------------------------------------------------------------------------------- sharding
+
+
+@dataclass(frozen=True)
+class ExpertShard:
+    """The experts of one MoE layer this rank holds under expert parallelism: ``count`` consecutive experts from
+    ``first`` (ids ``0..num_experts-1`` are global), and the groups its gradients and saves use."""
+
+    first: int
+    count: int
+    num_experts: int
+    ep_rank: int
+    ep_size: int
+    ep_group: Any
+    dp_size: int
+
+    def owner(self, expert: int) -> int:
+        return expert // self.count
+
+    def owned(self, ids: list[int]) -> list[int]:
+        """The ids of ``ids`` this rank holds, in their order."""
+        return [e for e in ids if self.owner(e) == self.ep_rank]
+
+    def local(self, ids: list[int]) -> list[int]:
+        """Local indices (rows of this rank's expert tensors) of owned global ids."""
+        return [e - self.first for e in ids]
+
+
+def _ep_mesh_of(experts: nn.Module) -> Any:
+    for param in experts.parameters(recurse=False):
+        if isinstance(param, DTensor) and "ep" in (param.device_mesh.mesh_dim_names or ()):
+            return param.device_mesh
+    return None
+
+
+def expert_shard(experts: nn.Module) -> Optional[ExpertShard]:
+    """This rank's :class:`ExpertShard` of an experts module sharded by transformers' expert parallelism, else None."""
+    if not getattr(experts, "_is_expert_parallel", False):
+        return None
+    mesh = _ep_mesh_of(experts)
+    config = distributed_config(experts)
+    if mesh is None or config is None:
+        raise UnsupportedLayoutError(
+            f"{type(experts).__name__} is marked expert-parallel but holds no DTensor on an `ep` mesh, or its config "
+            "has no `distributed_config`; load the model with from_pretrained(..., distributed_config="
+            "DistributedConfig(ep_size=N, fsdp_size=N)), transformers' expert parallelism, to train ESFT on it."
+        )
+    count = int(experts.num_experts)
+    ep_rank, ep_size = mesh.get_local_rank("ep"), mesh.size(mesh.mesh_dim_names.index("ep"))
+    total = int(logical_shape(experts.down_proj)[0])
+    if count * ep_size != total:
+        raise UnsupportedLayoutError(
+            f"{type(experts).__name__} holds {total} experts, which ep_size={ep_size} does not divide into whole "
+            f"experts per rank ({count} local). Load the model with an ep_size that divides {total}."
+        )
+    return ExpertShard(
+        first=ep_rank * count, count=count, num_experts=count * ep_size, ep_rank=ep_rank, ep_size=ep_size,
+        ep_group=mesh.get_group("ep"), dp_size=int(config.dp_size),
+    )
+
+
+def check_distributed_model(model: nn.Module) -> None:
+    """Refuse, before anything is wrapped, the transformers-native layouts ESFT does not train correctly.
+
+    Supported: ``DistributedConfig(fsdp_size=N)`` and ``DistributedConfig(ep_size=N, fsdp_size=N)`` (each expert
+    whole on one rank), with ``tp_size = pp_size = dp_replicate_size = 1``.
+    """
+    check_supported_parallelism(model, "ESFT")
+    config = distributed_config(model)
+    if config is None or not getattr(model, "is_distributed_loading_by_transformers", False):
+        return
+    if config.ep_size > 1 and config.efsdp_size != 1:
+        raise ValueError(
+            f"ESFT under expert parallelism needs every expert whole on one rank (ep_size == fsdp_size * tp_size); "
+            f"this model was loaded with ep_size={config.ep_size}, fsdp_size={config.fsdp_size}, so each expert is "
+            f"further FSDP-sharded over {config.efsdp_size} ranks. Load it with ep_size={config.fsdp_size}."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- gradients
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward divides the gradient by ``size``."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, size: int) -> torch.Tensor:
+        ctx.size = size
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad / ctx.size, None
+
+
+def _check_not_synced_elsewhere(delta: torch.Tensor) -> None:
+    if getattr(delta, "_replicated_grad_hook_registered", False):
+        raise RuntimeError(
+            "transformers.Trainer's `_sync_replicated_trainable_parameters` also averages the gradients of ESFT "
+            "deltas on this transformers-sharded model, and would mix the rank-local expert deltas of different "
+            "ranks. ESFT synchronises its deltas itself (installed by get_peft_model): train with a plain loop "
+            "(forward, loss.backward(), optimizer.step()) or accelerate."
+        )
+
+
+class ExpertRowGradients:
+    """Gradients of sharded expert rows: their owner receives every rank's contribution through the all-to-all's
+    backward; dividing by the data-parallel size gives the gradient of the mean loss (no collective)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and delta.requires_grad):
+            return delta
+        _check_not_synced_elsewhere(delta)
+        return _ScaleGrad.apply(delta, self.size)
+
+
+# ---------------------------------------------------------------------------------------------------- save / load
+
+
+def gather_rows(shard: ExpertShard, selected: list[int], rows: torch.Tensor) -> torch.Tensor:
+    """The whole ``(len(selected), ...)`` delta in selection order from each rank's owned ``rows`` (a collective over
+    the EP group: every rank gets the result)."""
+    owners = [shard.owner(e) for e in selected]
+    counts = [owners.count(r) for r in range(shard.ep_size)]
+    width = max(counts)
+    padded = rows.new_zeros((width, *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows.detach()
+    parts = [torch.empty_like(padded) for _ in range(shard.ep_size)]
+    dist.all_gather(parts, padded.contiguous(), group=shard.ep_group)
+    whole = rows.new_empty((len(selected), *rows.shape[1:]))
+    for rank in range(shard.ep_size):
+        positions = [j for j, owner in enumerate(owners) if owner == rank]
+        if positions:
+            whole[torch.tensor(positions)] = parts[rank][: len(positions)]
+    return whole
+
+
+def owned_rows(shard: ExpertShard, selected: list[int], whole: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a whole ``(len(selected), ...)`` delta."""
+    positions = [j for j, e in enumerate(selected) if shard.owner(e) == shard.ep_rank]
+    return whole[torch.tensor(positions, dtype=torch.long, device=whole.device)]
+
+
+def attach_state_dict_hooks(layer: nn.Module, container: str) -> None:
+    """Make ``layer.state_dict()`` hold its whole adapters (owned rows gathered over the EP group: a collective) and
+    ``layer.load_state_dict`` accept whole adapters (keeping the owned rows). ``layer`` has ``expert_shard``,
+    ``ep_selected`` (adapter -> whole selection) and ``<container>[adapter][name]`` rows."""
+
+    def whole(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+        for adapter, selected in module.ep_selected.items():
+            for name in getattr(module, container)[adapter]:
+                key = f"{prefix}{container}.{adapter}.{name}"
+                if key in state_dict:
+                    state_dict[key] = gather_rows(module.expert_shard, selected, state_dict[key])
+
+    def owned(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        shard_loaded_rows(module, container, state_dict, prefix)
+
+    layer.register_state_dict_post_hook(whole)
+    layer.register_load_state_dict_pre_hook(owned)
+
+
+def shard_loaded_rows(layer: nn.Module, container: str, state_dict: dict, prefix: str) -> None:
+    """Replace, in ``state_dict``, whole adapter tensors of ``layer`` (``len(selection)`` rows) by this rank's rows."""
+    for adapter, selected in layer.ep_selected.items():
+        owned = layer.expert_shard.owned(selected)
+        if len(owned) == len(selected):
+            continue
+        for name in getattr(layer, container)[adapter]:
+            key = f"{prefix}{container}.{adapter}.{name}"
+            tensor = state_dict.get(key)
+            if tensor is not None and tensor.dim() and tensor.shape[0] == len(selected):
+                state_dict[key] = owned_rows(layer.expert_shard, selected, tensor)
+
+
+# ---------------------------------------------------------------------------------------------------- dense weights
+
+
+def full_weight(param: torch.Tensor) -> torch.Tensor:
+    """A (possibly FSDP2-sharded) parameter's whole value (a collective for DTensors)."""
+    return param.full_tensor() if isinstance(param, DTensor) else param
+
+
+def write_full_weight(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Write a whole value into a (possibly FSDP2-sharded) parameter: each rank copies its own shard."""
+    if isinstance(param, DTensor):
+        local = distribute_tensor(value.detach(), param.device_mesh, param.placements, src_data_rank=None).to_local()
+        param.to_local().copy_(local)
+    else:
+        param.copy_(value)
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Register FSDP2's sharded parameters on every FSDP module (after a forward with ``reshard_after_forward=False``
+    the unsharded ones stay registered, and writes to them would be lost)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+# ---------------------------------------------------------------------------------------------------- compute
+
+
+class _LocalFormed(FormedWeights):
+    """A rank's local expert tensors with the owned selected rows replaced by ``W[e] + delta[e]`` (``ids`` are local
+    rows), formed again in backward instead of being kept (see :class:`FormedWeights`)."""
+
+    def _form(self, name: str) -> torch.Tensor:
+        local = self.base[name]
+        index = ids_tensor(tuple(self.ids), local.device)
+        return local.index_put((index,), with_delta(local.index_select(0, index), self.deltas[name]))
+
+
+def _call_owned(
+    target: nn.Module, names: list[str], shard: ExpertShard, owned: list[int], deltas: dict[str, torch.Tensor],
+    args: tuple,
+) -> torch.Tensor:
+    """``target(*args)`` (global ids, through its hooks and the EP dispatch) with this rank's local expert tensors
+    shadowed by ``W[e] + delta[e]`` for the selected experts it owns."""
+    if not owned:
+        return target(*args)
+    formed = _LocalFormed({}, shard.local(owned), deltas)
+
+    def shadow(module: nn.Module, _args: tuple) -> None:  # registered last: after FSDP2's unshard
+        for name in names:
+            param = module._parameters[name]
+            formed.base[name] = param.to_local() if isinstance(param, DTensor) else param
+        vars(module).update(formed.form())
+
+    handle = target.register_forward_pre_hook(shadow)
+    try:
+        with formed.saving():
+            return target(*args)
+    finally:
+        handle.remove()
+        for name in names:
+            vars(target).pop(name, None)
+
+
+def compute(
+    target: nn.Module, shard: ExpertShard, selected: list[int], owned: list[int], deltas: dict[str, torch.Tensor],
+    args: tuple, kwargs: dict,
+) -> torch.Tensor:
+    """The output of the expert-parallel experts module ``target(hidden, top_k_index, top_k_weights)`` with
+    ``W[e] + delta[e]`` for the ``selected`` experts (global ids; ``deltas`` hold the rows of the ``owned`` ones).
+
+    Every rank makes both calls, also with no pair to send (they are collectives), and every rank's calls have a
+    backward (so that the all-to-alls' backward exchanges run everywhere, in the same order). The pairs are computed
+    with one slot per row and routing weight 1; the routing weights are applied to the pair outputs here, as the
+    one-process compute does, and a token's slots are summed as the experts implementations sum them.
+    """
+    hidden, top_k_index, top_k_weights = bind_arguments(call_arguments(target), args, kwargs, 3, "experts")
+    shape = hidden.shape
+    hidden = hidden.reshape(-1, shape[-1])
+    num_tokens, num_top_k = hidden.size(0), top_k_index.size(-1)
+    experts = top_k_index.reshape(-1)
+    is_selected = torch.isin(experts, ids_tensor(tuple(selected), hidden.device))
+    order = torch.sort((~is_selected).to(torch.uint8), stable=True).indices  # pairs of selected experts first
+    count = int(is_selected.sum())
+    rows = _PairRows.apply(hidden, order, num_top_k)
+    trained = [delta for delta in deltas.values() if delta.requires_grad]
+    if torch.is_grad_enabled() and trained:
+        # The backward of the all-to-alls must run on every rank: a rank owning no selected expert of this layer
+        # (its delta rows are empty) still connects its pairs to the graph, with an exact zero.
+        rows = rows + sum(delta.sum() for delta in trained) * 0
+    keys = experts.index_select(0, order).unsqueeze(-1)
+    ones = hidden.new_ones(order.numel(), 1)
+    names = list(deltas)
+    chosen = _call_owned(target, names, shard, owned, deltas, (rows[:count], keys[:count], ones[:count]))
+    frozen = target(rows[count:], keys[count:], ones[count:])
+    out = permute_rows(torch.cat([chosen, frozen]), inverse_permutation(order), order)
+    out = out * top_k_weights.reshape(-1, 1)
+    out = out.view(num_tokens, num_top_k, -1).sum(dim=1)
+    return out.to(hidden.dtype).view(*shape[:-1], -1)
