@@ -10,8 +10,12 @@ import torch
 
 
 def logical_shape(param: torch.Tensor) -> torch.Size:
-    """A parameter's whole shape, also while ZeRO-3 holds only a partition of it (``ds_shape``)."""
-    return getattr(param, "ds_shape", param.shape)
+    """A parameter's whole shape, also while ZeRO-3 holds only a partition of it (``ds_shape``), bitsandbytes holds
+    it in 4-bit (``quant_state.shape``) or ESFT holds it in a 4-bit store (``esft_shape``: tuners/esft/quantized.py)."""
+    shape = getattr(param, "ds_shape", None)
+    if shape is None:
+        shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return shape if shape is not None else getattr(param, "esft_shape", param.shape)
 
 
 def is_partitioned(param: torch.Tensor) -> bool:

@@ -87,6 +87,12 @@ class ESFTConfig(PeftConfig):
             experts, routers and non-expert modules keep full-rank deltas.
         delta_alpha: the scale ``s = delta_alpha / delta_rank`` of low-rank deltas (peft's ``lora_alpha``); default
             ``delta_rank`` (``s = 1``). Only with ``delta_rank``.
+        quantize_frozen_experts: On a base loaded with ``BitsAndBytesConfig(load_in_4bit=True)`` (whose fused
+            experts transformers leaves unquantized), hold the routed experts the adapter does not select in 4-bit,
+            with the base's bitsandbytes settings; the selected experts keep their original weights and train as
+            ``W + delta``. The first adapter's selection is kept exact; later adapters select among it. ``False``
+            keeps the experts as loaded. No effect on other bases; an 8-bit base needs ``False``
+            (docs/training.md, "Quantized bases").
     """
 
     experts: dict[str, list[int]] = field(default_factory=dict, metadata={"help": "layer index -> expert ids"})
@@ -111,6 +117,9 @@ class ESFTConfig(PeftConfig):
     delta_alpha: Optional[float] = field(
         default=None, metadata={"help": "scale numerator of low-rank deltas, s = delta_alpha / delta_rank (default r)"}
     )
+    quantize_frozen_experts: bool = field(
+        default=True, metadata={"help": "on a 4-bit (bitsandbytes) base, hold the unselected fused experts in 4-bit"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,6 +138,8 @@ class ESFTConfig(PeftConfig):
             if isinstance(names, str) or not all(isinstance(name, str) and name for name in names):
                 raise ValueError("`train_non_expert_modules` must be a bool or a list of module-name suffixes.")
             self.train_non_expert_modules = list(names)
+        if not isinstance(self.quantize_frozen_experts, bool):
+            raise ValueError(f"`quantize_frozen_experts` must be True or False, got {self.quantize_frozen_experts!r}.")
         if not isinstance(self.init_weights, bool):
             raise ValueError(
                 f"`init_weights` must be True (zero deltas) or False (random deltas, for tests), got {self.init_weights!r}."

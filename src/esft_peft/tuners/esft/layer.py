@@ -19,6 +19,7 @@ from ...moe.partitioned import is_partitioned, logical_shape
 from . import expert_parallel
 from .compute import compute_for, with_delta
 from .low_rank import LORA_A, LORA_B, LowRankDelta, dense, new_factors, scale_of
+from .quantized import frozen_store, refuse_merge_on_4bit
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ class ESFTLayer(BaseTunerLayer):
         """Write ``W + delta`` (:func:`with_delta`, the weights the forward uses) into the base; the replaced
         weights are kept so that :meth:`unmerge` restores them bit for bit."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        refuse_merge_on_4bit(self.get_base_layer())
         with torch.no_grad():
             for adapter in adapter_names:
                 if adapter not in self.esft_delta:
@@ -252,10 +254,16 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
             )
         rows = list(expert_ids) if shard is None else shard.owned(list(expert_ids))
         specs = self.delta_specs(self.get_base_layer(), self.layout, rows)
+        store = frozen_store(self.get_base_layer())  # a 4-bit base: the kept rows (quantized.py)
         if shard is not None and not init_weights:  # the values one process would draw: drawn whole, rank 0's kept
             self.esft_delta[adapter_name] = nn.ParameterDict(
                 {name: self._owned_random_delta(view, list(expert_ids)) for name, (_, view) in specs.items()}
             )
+        elif store is not None:  # the selected experts' kept rows stand in for the 4-bit base's placeholders
+            index = torch.tensor(rows, device=self._base_param().device)
+            kept = {name: (shape, store.rows(name, rows) if name in store.shapes else view[index])
+                    for name, (shape, view) in specs.items()}
+            self._add_deltas(adapter_name, kept, 1, init_weights, rank, alpha)
         else:
             self._add_deltas(adapter_name, specs, 1, init_weights, rank, alpha, rows=rows)
         self.esft_expert_ids[adapter_name] = rows
@@ -313,7 +321,10 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
     def base_weights(self, adapter: str) -> dict[str, torch.Tensor]:
         """The frozen weights under ``adapter``'s deltas (its selected experts' rows, aligned with the delta rows)."""
         views, index = self._base_rows(adapter)
-        return {name: views[name][index] for name in self.delta_of(adapter)}
+        store = frozen_store(self.get_base_layer())  # a 4-bit base: the kept rows (quantized.py)
+        ids = self.esft_expert_ids[adapter]
+        return {name: store.rows(name, ids) if store is not None and name in store.shapes else views[name][index]
+                for name in self.delta_of(adapter)}
 
     def forward(self, *args: Any, **kwargs: Any):
         active = self._adapters_to_apply()

@@ -14,6 +14,8 @@ from .config import ESFTConfig
 from .layer import DELTA_CONTAINER, ESFTLayer, ExpertsDeltaLayer, ModuleDeltaLayer
 from ..saved_checks import SavedTensorChecks
 from .mixed_batch import mixed_adapter_batch
+from .quantized import check_quantized_base, dequantized_linear, is_bnb_quantized, quantize_frozen_experts
+from .compute.fused import hold_dequantized
 from .targets import Target, plan_targets
 
 
@@ -36,7 +38,11 @@ class ESFTModel(SavedTensorChecks, BaseTuner):
         return self.__dict__.setdefault("_plans", {})
 
     def _prepare_adapter_config(self, peft_config: ESFTConfig, model_config: dict) -> ESFTConfig:
-        self.plans[self._injecting] = plan_targets(self.model, peft_config)
+        plan = plan_targets(self.model, peft_config)
+        self._four_bit = check_quantized_base(
+            self.model, peft_config.quantize_frozen_experts, {name: (t.layout, t.expert_ids) for name, t in plan.items()}
+        )
+        self.plans[self._injecting] = plan
         return peft_config
 
     def _check_target_module_exists(self, peft_config: ESFTConfig, key: str) -> bool:
@@ -50,12 +56,18 @@ class ESFTModel(SavedTensorChecks, BaseTuner):
             target.update_layer(adapter_name, list(spec.expert_ids), init_weights=peft_config.init_weights, **rank)
             return
         if spec.layout is None:
+            if is_bnb_quantized(target):  # a Linear4bit the module-delta layer trains: dequantized once, exactly
+                target = dequantized_linear(target)
             new_module = ModuleDeltaLayer(target, adapter_name, init_weights=peft_config.init_weights, **rank)
         else:
             new_module = ExpertsDeltaLayer(
                 target, spec.layout, adapter_name, list(spec.expert_ids), init_weights=peft_config.init_weights,
                 shard=expert_parallel.expert_shard(target), **rank,
             )
+            four_bit = getattr(self, "_four_bit", None)  # the base's 4-bit settings (quantized.py), or None
+            if four_bit is not None and spec.layout.kind == "fused":
+                store = quantize_frozen_experts(target, spec.layout, list(spec.expert_ids), four_bit)
+                hold_dequantized(target, store)
         new_module.grad_sync = self._grad_sync(new_module)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
@@ -76,6 +88,7 @@ class ESFTModel(SavedTensorChecks, BaseTuner):
             raise
         finally:
             del self._injecting
+            self.__dict__.pop("_four_bit", None)
         if expert_parallel.data_parallel_size(model) > 1:  # replicated deltas start equal on every rank
             expert_parallel.broadcast_replicated([
                 delta for module in model.modules()

@@ -17,7 +17,8 @@ for bit (on CPU, except where an elementwise step runs on a whole contiguous ten
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from ....moe.layouts.base import bind_arguments, call_arguments
 from ....moe.partitioned import logical_shape
 from ....moe.rows import expert_rows, ids_tensor, inverse_permutation, permute_rows
 from ..low_rank import delta_tensors
+from ..quantized import FrozenExperts4bit, frozen_store
 from .base import Deltas, ExpertsCompute, with_delta
 
 
@@ -38,19 +40,31 @@ class FormedWeights:
     the matmuls that use it, and the forward keeps no copy of selected experts' weights for backward.
     """
 
-    def __init__(self, base: dict[str, torch.Tensor], ids: list[int], deltas: Deltas) -> None:
+    def __init__(
+        self,
+        base: dict[str, torch.Tensor],
+        ids: list[int],
+        deltas: Deltas,
+        rows: Optional[Callable[[str, list[int]], torch.Tensor]] = None,
+        formed_again: Optional[Iterable[str]] = None,
+    ) -> None:
+        """``rows(name, ids)`` reads the base rows (default ``base[name][ids]``; a 4-bit store gives its kept rows or
+        dequantizes); ``formed_again`` names the tensors formed again in backward instead of saved (default: those
+        with deltas)."""
         self.base, self.ids, self.deltas = base, ids, deltas
+        self.rows = rows or (lambda name, ids: expert_rows(self.base[name], ids))
+        self.formed_again = set(deltas if formed_again is None else formed_again)
         self._storages: dict[int, str] = {}
         self._again: dict[str, torch.Tensor] = {}
 
     def _form(self, name: str) -> torch.Tensor:
-        rows = expert_rows(self.base[name], self.ids)
+        rows = self.rows(name, self.ids)
         return with_delta(rows, self.deltas[name]) if name in self.deltas else rows
 
     def form(self) -> dict[str, torch.Tensor]:
         """The tensors for the call (not kept here: only the call holds them)."""
         formed = {name: self._form(name) for name in self.base}
-        self._storages = {t.untyped_storage().data_ptr(): n for n, t in formed.items() if n in self.deltas}
+        self._storages = {t.untyped_storage().data_ptr(): n for n, t in formed.items() if n in self.formed_again}
         return formed
 
     def saving(self) -> torch.autograd.graph.saved_tensors_hooks:
@@ -107,8 +121,14 @@ def per_expert_tensors(experts: nn.Module, num_experts: int) -> dict[str, torch.
 
 
 def _call_selected(experts: nn.Module, ids: list[int], deltas: Deltas, args: tuple) -> torch.Tensor:
-    """``experts(*args)`` (ids ``0..k-1``) computed by the selected experts, with their ``W + delta``."""
-    formed = FormedWeights(per_expert_tensors(experts, experts.num_experts), ids, deltas)
+    """``experts(*args)`` (ids ``0..k-1``) computed by the selected experts, with their ``W + delta`` (on a 4-bit
+    base, ``W`` is the store's kept original rows)."""
+    base = per_expert_tensors(experts, experts.num_experts)
+    store = frozen_store(experts)
+    rows = None
+    if store is not None:
+        rows = lambda name, ids: store.rows(name, ids) if name in store.shapes else expert_rows(base[name], ids)  # noqa: E731
+    formed = FormedWeights(base, ids, deltas, rows=rows)
 
     def shadow(module: nn.Module, _args: tuple) -> None:  # registered last: runs after hooks that gather weights
         vars(module).update(formed.form())
@@ -117,13 +137,54 @@ def _call_selected(experts: nn.Module, ids: list[int], deltas: Deltas, args: tup
     handle = experts.register_forward_pre_hook(shadow)
     experts.num_experts = len(ids)
     try:
-        with formed.saving():
+        with formed.saving(), _selected_call(store):
             return experts(*args)
     finally:
         handle.remove()
         experts.num_experts = num_experts
         for name in formed.base:
             vars(experts).pop(name, None)
+
+
+@contextmanager
+def _selected_call(store: Optional[FrozenExperts4bit]) -> Iterator[None]:
+    """While the selected call runs, the 4-bit store's hooks (:func:`hold_dequantized`) leave the module to it."""
+    if store is None:
+        yield
+        return
+    store.selected_call = True
+    try:
+        yield
+    finally:
+        store.selected_call = False
+
+
+def hold_dequantized(experts: nn.Module, store: FrozenExperts4bit) -> None:
+    """Hooks that let ``experts`` compute from its 4-bit store: every call (the frozen pairs, adapters disabled,
+    after ``unload()``) runs with the store's dequantized weights in place of the placeholders. Like the selected
+    experts' ``W + delta``, they are not kept for backward but dequantized again there."""
+    active: list[Any] = []
+
+    def before(module: nn.Module, _args: tuple) -> None:
+        if store.selected_call:
+            active.append(None)
+            return
+        formed = FormedWeights(dict.fromkeys(store.shapes), list(range(store.num_experts)), {},
+                               rows=lambda name, _ids: store.dequantized(name), formed_again=store.shapes)
+        saving = formed.saving()
+        saving.__enter__()
+        active.append(saving)
+        vars(module).update(formed.form())
+
+    def after(module: nn.Module, _args: tuple, _output: Any) -> None:
+        saving = active.pop()
+        if saving is not None:
+            saving.__exit__(None, None, None)
+            for name in store.shapes:
+                vars(module).pop(name, None)
+
+    experts.register_forward_pre_hook(before)
+    experts.register_forward_hook(after, always_call=True)
 
 
 class _PairRows(torch.autograd.Function):

@@ -1,0 +1,306 @@
+"""ESFT on a 4-bit (bitsandbytes nf4) base: the frozen fused experts held in 4-bit, the selected experts exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from esft_peft import ESFTConfig, find_moe_layers
+from esft_peft.moe.layouts.base import unwrap
+from esft_peft.tuners.esft.compute import with_delta
+from esft_helpers import batch, delta_params, logits, reload_in_fresh_process, selection, train_steps
+from quantized_helpers import (
+    experts_bytes, first_store, fused_weight_names, load_4bit, load_plain, with_dequantized_experts,
+)
+
+FAMILY = "qwen3_moe"
+GRAD_ATOL = 1e-6  # fp32: gradients through the 4-bit base against the dequantized reference
+
+
+def adapted_4bit(family: str = FAMILY, **config_kwargs):
+    base = load_4bit(family)
+    return get_peft_model(base, ESFTConfig(experts=selection(base), **config_kwargs))
+
+
+def reference_model(family: str = FAMILY, **quant):
+    """The model a zero adapter on the 4-bit base must reproduce, with an ESFT adapter on its unquantized experts."""
+    base = load_4bit(family)
+    chosen = selection(base)
+    with_dequantized_experts(base, chosen, **quant)
+    return get_peft_model(base, ESFTConfig(experts=chosen, quantize_frozen_experts=False))
+
+
+def test_zero_adapter_equals_the_dequantized_base():
+    model, reference = adapted_4bit(), reference_model()
+    assert first_store(model) is not None and first_store(reference) is None
+    torch.testing.assert_close(logits(model), logits(reference), atol=1e-6, rtol=0)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model), logits(reference), atol=1e-6, rtol=0)
+
+
+def test_routed_experts_hold_under_065_bytes_per_unselected_parameter():
+    model = adapted_4bit()
+    base = model.get_base_model()
+    chosen = model.peft_config["default"].experts
+    for key, layer in find_moe_layers(base).items():
+        if key not in chosen:
+            continue
+        experts = unwrap(base.get_submodule(layer.experts_name))
+        store = first_store(experts)
+        per_expert = sum(torch.Size(experts.frozen_4bit.shapes[n][1:]).numel() for n in fused_weight_names(experts))
+        unselected = (layer.num_experts - len(chosen[key])) * per_expert
+        kept = store.nbytes() - store.nbytes(kept=False)
+        assert kept == len(chosen[key]) * per_expert * 4  # the selected experts' W, fp32, unquantized
+        held = experts_bytes(experts) - kept
+        assert held / unselected <= 0.65, held / unselected
+        assert experts_bytes(load_plain(FAMILY).get_submodule(layer.experts_name)) == kept + 4 * unselected
+
+
+def _gradients(model, checkpointing: bool = False) -> dict[str, torch.Tensor]:
+    model.train()
+    if checkpointing:
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = batch(5)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {name: param.grad for name, param in delta_params(model).items()}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradients_equal_the_dequantized_reference(checkpointing):
+    grads = _gradients(adapted_4bit(), checkpointing)
+    expected = _gradients(reference_model(), checkpointing)
+    assert grads.keys() == expected.keys() and grads
+    for name, grad in grads.items():
+        assert grad is not None and grad.abs().sum() > 0
+        torch.testing.assert_close(grad, expected[name], atol=GRAD_ATOL, rtol=0)
+
+
+def test_dequantized_experts_are_not_kept_for_backward():
+    model = adapted_4bit()
+    model.train()
+    whole = {tuple(s) for s in first_store(model).shapes.values()}
+    seen: list[tuple] = []
+
+    def pack(tensor):
+        seen.append(tuple(tensor.shape))
+        return tensor
+
+    ids = batch(5)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    assert seen and not whole & set(seen)
+    loss.backward()
+    assert all(p.grad is not None for p in delta_params(model).values())
+
+
+def test_training_changes_only_the_selected_experts():
+    model = adapted_4bit()
+    before = logits(model)
+    store = first_store(model)
+    kept = {n: getattr(store, f"kept_{n}").clone() for n in store.shapes}
+    train_steps(model)
+    assert not torch.allclose(logits(model), before)
+    assert all(torch.equal(getattr(store, f"kept_{n}"), kept[n]) for n in store.shapes)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".esft_delta." not in n)
+
+
+def test_save_reload_in_a_fresh_process(tmp_path):
+    model = adapted_4bit()
+    train_steps(model)
+    model.save_pretrained(tmp_path)
+    torch.save(logits(model), tmp_path / "expected.pt")
+    assert reload_in_fresh_process("quantized_helpers:load_4bit", {"q": (FAMILY, None, str(tmp_path))}) == {"q": True}
+
+
+def test_adapter_merges_into_the_unquantized_base(tmp_path):
+    model = adapted_4bit()
+    train_steps(model)
+    model.save_pretrained(tmp_path)
+    saved = {n.replace(".esft_delta.default.", ".esft_delta."): p.detach() for n, p in delta_params(model).items()}
+    plain = load_plain(FAMILY)
+    original = {k: v.clone() for k, v in plain.state_dict().items()}
+    merged = PeftModel.from_pretrained(plain, tmp_path).merge_and_unload()
+    state = merged.state_dict()
+    assert state.keys() == original.keys()
+    layers = find_moe_layers(merged)
+    changed = set()
+    for key, ids in model.peft_config["default"].experts.items():
+        experts_name = layers[key].experts_name
+        for name in fused_weight_names(merged.get_submodule(experts_name)):
+            full = f"{experts_name}.{name}"
+            delta = saved[f"base_model.model.{experts_name}.esft_delta.{name}"]
+            rows = state[full][torch.tensor(ids)]
+            assert torch.equal(rows, with_delta(original[full][torch.tensor(ids)], delta))
+            others = [e for e in range(layers[key].num_experts) if e not in ids]
+            assert torch.equal(state[full][others], original[full][others])
+            changed.add(full)
+    assert all(torch.equal(state[k], original[k]) for k in original if k not in changed)
+
+
+def test_merge_on_the_4bit_base_is_refused():
+    model = adapted_4bit()
+    train_steps(model)
+    before = logits(model)
+    with pytest.raises(ValueError, match="Cannot merge an ESFT adapter on a 4-bit base.*load the base unquantized"):
+        model.merge_and_unload()
+    torch.testing.assert_close(logits(model), before, atol=0, rtol=0)
+
+
+def test_unload_leaves_a_working_4bit_model():
+    model, reference = adapted_4bit(), reference_model()
+    expected = logits(reference)
+    base = model.unload()
+    torch.testing.assert_close(logits(base), expected, atol=1e-6, rtol=0)
+
+
+def test_a_second_adapter_selects_among_the_kept_experts():
+    model = adapted_4bit()
+    chosen = model.peft_config["default"].experts
+    key, ids = next(iter(chosen.items()))
+    model.add_adapter("same", ESFTConfig(experts={key: ids[:1]}, init_weights=False))
+    model.set_adapter("same")
+    assert not torch.allclose(logits(model), logits(reference_model()))
+    other = next(e for e in range(8) if e not in ids)
+    before = logits(model)
+    with pytest.raises(ValueError, match=rf"experts \[{other}\] are held in 4-bit.*Select among"):
+        model.add_adapter("other", ESFTConfig(experts={key: [other]}))
+    assert "other" not in model.peft_config
+    assert torch.equal(logits(model), before)
+
+
+def test_switched_off_keeps_the_experts_as_loaded():
+    model = adapted_4bit(quantize_frozen_experts=False)
+    assert first_store(model) is None
+    base = load_4bit(FAMILY)
+    assert torch.equal(logits(model), logits(base))
+
+
+def test_double_quant_and_fp4_follow_the_base_settings():
+    base = load_4bit(FAMILY, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="fp4")
+    model = get_peft_model(base, ESFTConfig(experts=selection(base)))
+    store = first_store(model)
+    assert store.settings.double_quant and store.settings.quant_type == "fp4"
+    reference = load_4bit(FAMILY, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="fp4")
+    with_dequantized_experts(reference, selection(reference), quant_type="fp4", double_quant=True)
+    torch.testing.assert_close(logits(model), logits(reference), atol=1e-6, rtol=0)
+    single = first_store(adapted_4bit())
+    assert store.nbytes(kept=False) < single.nbytes(kept=False)
+
+
+def test_fp16_compute_dtype_leaves_the_deltas_in_the_experts_dtype():
+    """Documented: bnb_4bit_compute_dtype is the Linear4bit layers'; the experts dequantize to their own dtype,
+    which the deltas and the kept rows share."""
+    base = load_4bit(FAMILY, bnb_4bit_compute_dtype=torch.float16)
+    model = get_peft_model(base, ESFTConfig(experts=selection(base)))
+    store = first_store(model)
+    assert store.settings.compute_dtype == torch.float16
+    assert all(p.dtype == torch.float32 for p in delta_params(model).values())
+    assert all(getattr(store, f"kept_{n}").dtype == torch.float32 for n in store.shapes)
+    assert store.dequantized(store.names[0]).dtype == torch.float32
+    train_steps(model)
+    assert all(torch.isfinite(p).all() for p in delta_params(model).values())
+
+
+def test_8bit_base_is_refused_unless_switched_off():
+    from quantized_helpers import saved_base
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    base = AutoModelForCausalLM.from_pretrained(
+        saved_base(FAMILY), quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float32
+    )
+    with pytest.raises(ValueError, match="loaded in 8-bit.*quantize_frozen_experts=False"):
+        get_peft_model(base, ESFTConfig(experts=selection(base)))
+    model = get_peft_model(base, ESFTConfig(experts=selection(base), quantize_frozen_experts=False))
+    assert first_store(model) is None and delta_params(model)
+
+
+def test_fp8_experts_are_refused():
+    from tiny_families import make_model
+
+    base = make_model(FAMILY)
+    for layer in find_moe_layers(base).values():
+        experts = base.get_submodule(layer.experts_name)
+        for name in fused_weight_names(experts):
+            setattr(experts, name, torch.nn.Parameter(getattr(experts, name).to(torch.float8_e4m3fn),
+                                                      requires_grad=False))
+    with pytest.raises(ValueError, match="already quantized.*FP8/MXFP4 experts need a GPU"):
+        get_peft_model(base, ESFTConfig(experts=selection(base)))
+
+
+@pytest.mark.parametrize("shape, kept", [((8, 32, 32), [0, 7]), ((8, 32, 32), [3]), ((5, 3, 7), [1]), ((6, 16, 40), [2, 4])])
+def test_store_dequantizes_like_the_reference(shape, kept):
+    """Whole-block experts are dequantized piece by piece, others at once; both equal a plain-torch dequantization
+    of bitsandbytes' packed values (its CPU kernel misreads tensors whose last dimension is not a multiple of the
+    blocksize, which the store avoids)."""
+    import bitsandbytes.functional as bnb
+    from esft_peft.tuners.esft.quantized import FourBitSettings, FrozenExperts4bit
+    from quantized_helpers import reference_dequantize
+
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    store = FrozenExperts4bit({"w": weight}, kept, FourBitSettings(quant_type="nf4", blocksize=64))
+    frozen = [e for e in range(shape[0]) if e not in kept]
+    packed, state = bnb.quantize_4bit(weight[frozen].contiguous(), blocksize=64, quant_type="nf4")
+    expected = weight.clone()
+    expected[frozen] = reference_dequantize(packed, state)
+    assert torch.equal(store.dequantized("w"), expected)
+    assert torch.equal(store.rows("w", kept[::-1]), weight[kept[::-1]])
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_store_follows_its_buffers_when_moved(double_quant):
+    """``.to(device)`` replaces the buffers; the quant state is rebuilt from them (here: moved by a copy)."""
+    from esft_peft.tuners.esft.quantized import FourBitSettings, FrozenExperts4bit
+
+    weight = torch.randn(8, 64, 32, generator=torch.Generator().manual_seed(1))
+    store = FrozenExperts4bit({"w": weight}, [2], FourBitSettings(double_quant=double_quant))
+    before = store.dequantized("w")
+    store._apply(lambda t: t.clone())
+    assert store._states["w"].absmax is not store.absmax_w
+    assert torch.equal(store.dequantized("w"), before)
+    assert store._states["w"].absmax is store.absmax_w
+
+
+def test_mixed_adapter_batch_on_the_4bit_base():
+    model = adapted_4bit(init_weights=False)
+    key, ids = next(iter(model.peft_config["default"].experts.items()))
+    model.add_adapter("other", ESFTConfig(experts={key: ids[::-1]}, init_weights=False))
+    model.eval()
+    inputs = batch(9, (3, 16))
+    names = ["default", "other", "__base__"]
+    with torch.no_grad():
+        mixed = model(input_ids=inputs, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=inputs[row : row + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=inputs[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row], alone[0], atol=1e-6, rtol=0)
+
+
+def _factor_gradients(model) -> dict[str, torch.Tensor]:
+    model.train()
+    ids = batch(5)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {name: param.grad for name, param in model.named_parameters() if ".esft_lora_" in name}
+
+
+def test_low_rank_deltas_on_the_4bit_base_equal_the_dequantized_reference():
+    """Low-rank deltas (delta_rank) train on the kept original rows exactly as on the dequantized base."""
+    base = load_4bit(FAMILY)
+    torch.manual_seed(0)  # the same random factors in both models
+    model = get_peft_model(base, ESFTConfig(experts=selection(base), delta_rank=4, init_weights=False))
+    base = load_4bit(FAMILY)
+    chosen = selection(base)
+    with_dequantized_experts(base, chosen)
+    torch.manual_seed(0)
+    reference = get_peft_model(base, ESFTConfig(experts=chosen, quantize_frozen_experts=False, delta_rank=4,
+                                                init_weights=False))
+    assert first_store(model) is not None
+    torch.testing.assert_close(logits(model), logits(reference), atol=1e-6, rtol=0)
+    grads, expected = _factor_gradients(model), _factor_gradients(reference)
+    assert grads.keys() == expected.keys() and any(".esft_lora_B." in name for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], atol=GRAD_ATOL, rtol=0)
