@@ -1,13 +1,15 @@
 """Peak training memory and step time of ESFT on a 4-bit (nf4) base against a bf16 base.
 
     python benchmarks/quantized_memory.py [--layers 8 --experts 64 --top-k 6 --selected 6 --hidden 256 --inner 128
-                                           --batch 2 --seq 128 --steps 3] [--bf16-deltas] [--json OUT]
+                                           --batch 2 --seq 128 --steps 3] [--bf16-deltas] [--delta-rank R]
+                                          [--json OUT]
 
 A DeepSeek-V2-shaped model (fine-grained routed experts, 2 shared experts, MLA attention, first layer dense) at a
 small hidden size, saved in bf16 and loaded twice: as it is (bf16 base), and with
 ``BitsAndBytesConfig(load_in_4bit=True, nf4, double quant, bf16 compute)`` (4-bit base; ESFT then holds the
 unselected routed experts in 4-bit). Both get the same ESFT adapter (``--selected`` experts per MoE layer, seeded;
-fp32 deltas, esft-peft's default for a bf16 base, or bf16 with ``--bf16-deltas``) and train with AdamW on the same
+fp32 deltas, esft-peft's default for a bf16 base, or bf16 with ``--bf16-deltas``; low rank with ``--delta-rank``)
+and train with AdamW on the same
 batches.
 
 What is measured (exact accounting of tensor bytes; CPU has no allocator statistics):
@@ -115,7 +117,7 @@ def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Te
 
 def measure(folder: str, four_bit: bool, args: argparse.Namespace) -> dict[str, float]:
     model = load(folder, four_bit)
-    model = get_peft_model(model, ESFTConfig(experts=selection(model, args)),
+    model = get_peft_model(model, ESFTConfig(experts=selection(model, args), delta_rank=args.delta_rank),
                            autocast_adapter_dtype=not args.bf16_deltas)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -158,6 +160,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--bf16-deltas", action="store_true",
                         help="deltas (and AdamW state) in bf16 (autocast_adapter_dtype=False); default fp32")
+    parser.add_argument("--delta-rank", type=int, default=None,
+                        help="low-rank deltas of this rank on both bases (ESFTConfig.delta_rank); default full rank")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
