@@ -2,7 +2,7 @@
 
     python benchmarks/layer_overhead.py [--share 0.25 --all-experts] [--experts 64 --top-k 6 --hidden 512 --inner 256
                                         --tokens 512 [4096 ...]] [--family deepseek_v2] [--device cuda --dtype bfloat16]
-                                        [--json OUT]
+                                        [--delta-rank R] [--json OUT]
 
 A Qwen3-MoE experts layer (``--family deepseek_v2``: DeepSeek-V2's, the same computation). "frozen" is the base
 layer with only its input requiring grad (the backward every method pays); "full FT" also computes the gradients of
@@ -132,7 +132,8 @@ def bench_tokens(args: argparse.Namespace, tokens: int, device: torch.device, dt
     models = {"frozen": base_model, "full FT": base_model}
     for name, ids, _ in selections:
         # what a user gets: get_peft_model on (a seeded copy of) the same base, only the deltas trainable
-        model = get_peft_model(build_model(args, device, dtype), ESFTConfig(experts={0: ids}))
+        config = ESFTConfig(experts={0: ids}, delta_rank=args.delta_rank)
+        model = get_peft_model(build_model(args, device, dtype), config)
         wrapped = experts_module(model)
         deltas = [p for p in model.parameters() if p.requires_grad]
         cases[name] = (lambda module, deltas: lambda: (step(module), [setattr(d, "grad", None) for d in deltas]))(
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--delta-rank", type=int, default=None, help="low-rank deltas (ESFTConfig.delta_rank)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the figures to OUT (JSON)")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -6,7 +6,7 @@ and ``s = delta_alpha / delta_rank`` (peft's LoRA scaling). The factors are init
 ``lora_A``/``lora_B``: ``A`` kaiming-uniform (``a = sqrt(5)``, per expert), ``B`` zero, so a fresh adapter reproduces
 the base exactly. ``init_weights=False`` (tests) also draws ``B`` kaiming-uniform, so that the update is not zero.
 
-The update is formed only where ``W + delta`` is formed today (:func:`~esft_peft.moe.layouts.base.with_delta`
+The update is formed only where ``W + delta`` is formed today (:func:`~esft_peft.tuners.esft.compute.with_delta`
 receives a :class:`LowRankDelta` and forms ``s * B @ A`` in the factors' dtype), so the forward, the backward's
 re-forming, merging and the official-format export all use the same weights.
 """
