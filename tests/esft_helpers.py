@@ -107,3 +107,18 @@ def assert_reproduces_base(family: str, actual: torch.Tensor, expected: torch.Te
         torch.testing.assert_close(actual, expected, atol=CPU_TAIL_ATOL[family], rtol=0)
     else:
         assert torch.equal(actual, expected)
+
+
+def assert_generates_as_alone(model: nn.Module, input_ids: torch.Tensor, names: list[str], mixed: torch.Tensor,
+                              max_new_tokens: int = 5) -> None:
+    """Each row of ``mixed`` (greedy generation with ``adapter_names=names``) equals that sample generated alone with
+    its adapter (``"__base__"``: adapters disabled)."""
+    for i, name in enumerate(names):
+        single = dict(input_ids=input_ids[i : i + 1], max_new_tokens=max_new_tokens, do_sample=False)
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = model.generate(**single)
+        else:
+            model.set_adapter(name)
+            alone = model.generate(**single)
+        assert torch.equal(mixed[i], alone[0]), (i, name)

@@ -15,6 +15,7 @@ from peft import get_peft_model
 from esft_peft import ESFTConfig, find_moe_layers
 from esft_peft.tuners.esft.layer import ExpertsDeltaLayer
 from esft_peft.tuners.esft.mixed_experts import grouped_experts
+from esft_helpers import assert_generates_as_alone
 from tiny_families import make_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,14 +142,7 @@ def test_generate_with_one_call_matches_single_adapter_generation():
             assert torch.equal(
                 model.generate(input_ids=input_ids, adapter_names=names, max_new_tokens=5, do_sample=False), mixed
             )
-        for i, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    alone = model.generate(input_ids=input_ids[i : i + 1], max_new_tokens=5, do_sample=False)
-            else:
-                model.set_adapter(name)
-                alone = model.generate(input_ids=input_ids[i : i + 1], max_new_tokens=5, do_sample=False)
-            assert torch.equal(mixed[i], alone[0])
+        assert_generates_as_alone(model, input_ids, names, mixed)
 
 
 def test_blocks_with_a_trained_router_are_split_per_group_and_stay_exact():

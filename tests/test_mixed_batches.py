@@ -7,6 +7,7 @@ import torch
 from peft import get_peft_model
 
 from esft_peft import ESFTConfig, find_moe_layers
+from esft_helpers import assert_generates_as_alone
 from tiny_families import make_model
 
 # One family per experts layout: fused, module_list, parallel_linear (the block is the wrapped module),
@@ -78,14 +79,7 @@ def test_generate_with_mixed_adapters_matches_single_adapter_generation():
     names = ["b", "__base__", "a"]
     with torch.no_grad():
         mixed = model.generate(input_ids=input_ids, adapter_names=names, max_new_tokens=5, do_sample=False)
-        for i, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    alone = model.generate(input_ids=input_ids[i : i + 1], max_new_tokens=5, do_sample=False)
-            else:
-                model.set_adapter(name)
-                alone = model.generate(input_ids=input_ids[i : i + 1], max_new_tokens=5, do_sample=False)
-            assert torch.equal(mixed[i], alone[0])
+        assert_generates_as_alone(model, input_ids, names, mixed)
 
 
 def test_bad_adapter_names_are_refused_before_running():
