@@ -44,7 +44,7 @@ from ..data_parallel import (  # noqa: F401  (broadcast_replicated, data_paralle
     distributed_config,
     replicated_sync,
 )
-from .compute import with_delta
+from .compute import call_shadowed, with_delta
 from .compute.fused import FormedWeights, _PairRows
 
 
@@ -276,20 +276,14 @@ def _call_owned(
         return target(*args)
     formed = _LocalFormed({}, shard.local(owned), deltas)
 
-    def shadow(module: nn.Module, _args: tuple) -> None:  # registered last: after FSDP2's unshard
+    def form(module: nn.Module) -> dict[str, torch.Tensor]:  # after FSDP2's unshard: the local shards
         for name in names:
             param = module._parameters[name]
             formed.base[name] = param.to_local() if isinstance(param, DTensor) else param
-        vars(module).update(formed.form())
+        return formed.form()
 
-    handle = target.register_forward_pre_hook(shadow)
-    try:
-        with formed.saving():
-            return target(*args)
-    finally:
-        handle.remove()
-        for name in names:
-            vars(target).pop(name, None)
+    with formed.saving():
+        return call_shadowed(target, form, args)
 
 
 def compute(

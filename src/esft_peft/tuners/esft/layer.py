@@ -17,7 +17,7 @@ from torch import nn
 from ...moe.layouts import ExpertsLayout
 from ...moe.partitioned import is_partitioned, logical_shape
 from . import expert_parallel
-from .compute import compute_for, with_delta
+from .compute import call_shadowed, compute_for, with_delta
 from .low_rank import LORA_A, LORA_B, LowRankDelta, dense, new_factors, scale_of
 from .quantized import frozen_store, refuse_merge_on_4bit
 
@@ -41,24 +41,13 @@ def _report_merge_loss(where: str, adapter: str, intended: torch.Tensor, applied
 
 
 def _call_with_deltas(module: nn.Module, deltas: dict[str, torch.Tensor], args: tuple, kwargs: dict):
-    """Call ``module``, hooks included, with ``weight + delta`` in place of its parameters named in ``deltas``.
+    """Call ``module``, hooks included, with ``weight + delta`` in place of its parameters named in ``deltas``."""
 
-    The sums are formed in a pre-forward hook registered last, so after any hook that materialises the weights
-    (DeepSpeed ZeRO-3 gathers partitions there); instance attributes then shadow ``_parameters`` for
-    ``self.<name>`` reads, leaving the registered parameters in place for the hooks that manage them.
-    """
-
-    def shadow_weights(mod: nn.Module, _args: tuple) -> None:
+    def form(mod: nn.Module) -> dict[str, torch.Tensor]:
         params = dict(mod.named_parameters(recurse=False))
-        vars(mod).update({name: with_delta(params[name], delta) for name, delta in deltas.items()})
+        return {name: with_delta(params[name], delta) for name, delta in deltas.items()}
 
-    handle = module.register_forward_pre_hook(shadow_weights)
-    try:
-        return module(*args, **kwargs)
-    finally:
-        handle.remove()
-        for name in deltas:
-            vars(module).pop(name, None)
+    return call_shadowed(module, form, args, kwargs)
 
 
 def _scaled(weight: float, tensor: torch.Tensor) -> torch.Tensor:

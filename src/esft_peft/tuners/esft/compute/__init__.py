@@ -3,7 +3,7 @@ experts are trained through module deltas and need none)."""
 
 from __future__ import annotations
 
-from .base import Deltas, ExpertsCompute, with_delta
+from .base import Deltas, ExpertsCompute, call_shadowed, with_delta
 from .dbrx import SplitGluCompute
 from .fused import FusedCompute
 from .jetmoe import ParallelLinearCompute
@@ -23,4 +23,4 @@ def compute_for(kind: str) -> ExpertsCompute:
         raise ValueError(f"ESFT has no experts-delta compute for {kind!r} experts; known: {sorted(COMPUTES)}.") from None
 
 
-__all__ = ["COMPUTES", "Deltas", "ExpertsCompute", "compute_for", "with_delta"]
+__all__ = ["COMPUTES", "Deltas", "ExpertsCompute", "call_shadowed", "compute_for", "with_delta"]

@@ -5,7 +5,7 @@ the selection."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Union
+from typing import Any, Callable, ClassVar, Union
 
 import torch
 from torch import nn
@@ -24,6 +24,31 @@ def with_delta(weight: torch.Tensor, delta: Union[torch.Tensor, LowRankDelta]) -
     dtype), so every compute forms it where it forms ``W + delta``."""
     delta = dense(delta)
     return (weight.to(delta.dtype) + delta).to(weight.dtype)
+
+
+def call_shadowed(module: nn.Module, form: Callable[[nn.Module], dict[str, torch.Tensor]], args: tuple,
+                  kwargs: Union[dict, None] = None) -> Any:
+    """Call ``module``, hooks included, with the tensors ``form(module)`` returns in place of its attributes of those
+    names, for this call only.
+
+    They are formed in a pre-forward hook registered last, so after any hook that materialises the weights (DeepSpeed
+    ZeRO-3's gather, FSDP2's unshard); instance attributes then shadow ``_parameters`` for ``self.<name>`` reads,
+    leaving the registered parameters in place for the hooks that manage them.
+    """
+    shadowed: list[str] = []
+
+    def shadow(mod: nn.Module, _args: tuple) -> None:
+        tensors = form(mod)
+        shadowed.extend(tensors)
+        vars(mod).update(tensors)
+
+    handle = module.register_forward_pre_hook(shadow)
+    try:
+        return module(*args, **(kwargs or {}))
+    finally:
+        handle.remove()
+        for name in shadowed:
+            vars(module).pop(name, None)
 
 
 class ExpertsCompute(ABC):

@@ -28,7 +28,7 @@ from ....moe.partitioned import logical_shape
 from ....moe.rows import expert_rows, ids_tensor, inverse_permutation, permute_rows
 from ..low_rank import delta_tensors
 from ..quantized import FrozenExperts4bit, frozen_store
-from .base import Deltas, ExpertsCompute, with_delta
+from .base import Deltas, ExpertsCompute, call_shadowed, with_delta
 
 
 class FormedWeights:
@@ -130,20 +130,13 @@ def _call_selected(experts: nn.Module, ids: list[int], deltas: Deltas, args: tup
         rows = lambda name, ids: store.rows(name, ids) if name in store.shapes else expert_rows(base[name], ids)  # noqa: E731
     formed = FormedWeights(base, ids, deltas, rows=rows)
 
-    def shadow(module: nn.Module, _args: tuple) -> None:  # registered last: runs after hooks that gather weights
-        vars(module).update(formed.form())
-
     num_experts = experts.num_experts
-    handle = experts.register_forward_pre_hook(shadow)
     experts.num_experts = len(ids)
     try:
         with formed.saving(), _selected_call(store):
-            return experts(*args)
+            return call_shadowed(experts, lambda module: formed.form(), args)
     finally:
-        handle.remove()
         experts.num_experts = num_experts
-        for name in formed.base:
-            vars(experts).pop(name, None)
 
 
 @contextmanager
