@@ -10,6 +10,12 @@ Sections (each the named script's ``main`` with the arguments in ``SECTIONS``, i
   frozen floors, ESFT (6/64 and 64/64), full FT, LoRA; time and ``torch.cuda.max_memory_allocated``.
 - ``pesc``: pesc_layer.py, a 7B-like llama MLP (H=4096, I=11008), 8 experts top-2, adapters of 64 and 512.
 - ``scoring``: scoring_throughput.py, ``score_experts`` against a plain forward, tokens/s.
+- ``quantized`` / ``quantized_r8``: quantized_memory.py, a 6-layer DeepSeek-V2-Lite-shaped model at real widths
+  loaded on the GPU: 4-bit (nf4) base against bf16 base, ESFT 6/64 experts with full-rank fp32 deltas / rank-8
+  deltas; allocator peak and step time. ``quantized_recipe``: 3 layers loaded and wrapped on the CPU, then moved
+  (docs/training.md's recipe): the load peak. ``quantized_gc`` / ``quantized_gc_r8``: 12 layers, gradient
+  checkpointing, one sequence of 2048 tokens (a long-context fine-tuning step, where the weights dominate).
+- ``ep``: ep_memory.py at ep = 1 (one GPU), DeepSeek-V2-Lite widths: bytes held and the allocator's peak.
 
 The results file: ``{"mode", "device", "versions", "started", "seconds", "commands": {section: argv},
 "sections": {section: that script's --json output}}``; a summary is printed at the end.
@@ -31,6 +37,14 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 
+QUANTIZED = [  # quantized_memory.py at DeepSeek-V2-Lite widths
+    "--experts", "64", "--top-k", "6", "--selected", "6", "--hidden", "2048", "--inner", "1408",
+    "--intermediate", "10944", "--heads", "16", "--attention", "lite", "--vocab", "102400", "--batch", "4",
+    "--seq", "1024", "--steps", "3", "--device", "cuda"]
+QUANTIZED_SMOKE = [
+    "--layers", "2", "--experts", "8", "--top-k", "2", "--selected", "1", "--hidden", "64", "--inner", "32",
+    "--batch", "1", "--seq", "16", "--steps", "1"]
+
 GPU = {
     "layer": ("layer_overhead", [
         "--family", "deepseek_v2", "--experts", "64", "--top-k", "6", "--hidden", "2048", "--inner", "1408",
@@ -47,6 +61,14 @@ GPU = {
         "--models", "deepseek_v2", "qwen3_moe", "--hidden", "2048", "--moe-intermediate", "1408", "--layers", "4",
         "--batches", "4", "--batch-size", "8", "--seq-len", "1024", "--repeats", "3",
         "--device", "cuda", "--dtype", "bfloat16"]),
+    "quantized": ("quantized_memory", [*QUANTIZED, "--layers", "6", "--load", "cuda"]),
+    "quantized_r8": ("quantized_memory", [*QUANTIZED, "--layers", "6", "--load", "cuda", "--delta-rank", "8"]),
+    "quantized_recipe": ("quantized_memory", [*QUANTIZED, "--layers", "3", "--load", "cpu", "--delta-rank", "8"]),
+    "quantized_gc": ("quantized_memory", [*QUANTIZED, "--layers", "12", "--load", "cuda", "--gradient-checkpointing",
+                                          "--batch", "1", "--seq", "2048"]),
+    "quantized_gc_r8": ("quantized_memory", [*QUANTIZED, "--layers", "12", "--load", "cuda", "--gradient-checkpointing",
+                                             "--batch", "1", "--seq", "2048", "--delta-rank", "8"]),
+    "ep": ("ep_memory", ["--ep", "1", "--preset", "lite", "--device", "cuda"]),
 }
 CPU_SMOKE = {
     "layer": ("layer_overhead", [
@@ -62,6 +84,12 @@ CPU_SMOKE = {
     "scoring": ("scoring_throughput", [
         "--models", "deepseek_v2", "qwen3_moe", "--hidden", "64", "--moe-intermediate", "16", "--layers", "2",
         "--batches", "1", "--batch-size", "2", "--seq-len", "16", "--repeats", "1", "--device", "cpu"]),
+    "quantized": ("quantized_memory", QUANTIZED_SMOKE),
+    "quantized_r8": ("quantized_memory", [*QUANTIZED_SMOKE, "--delta-rank", "8"]),
+    "quantized_recipe": ("quantized_memory", [*QUANTIZED_SMOKE, "--delta-rank", "8"]),
+    "quantized_gc": ("quantized_memory", [*QUANTIZED_SMOKE, "--gradient-checkpointing"]),
+    "quantized_gc_r8": ("quantized_memory", [*QUANTIZED_SMOKE, "--gradient-checkpointing", "--delta-rank", "8"]),
+    "ep": ("ep_memory", ["--ep", "1"]),
 }
 
 
@@ -104,6 +132,17 @@ def summary(results: dict) -> str:
     if "scoring" in sections:
         lines.append("scoring: " + ", ".join(f"{name} {r['scoring_tok_s']:,.0f} tok/s ({r['ratio']:.2f}x plain)"
                                              for name, r in sections["scoring"]["models"].items()))
+    for section in ("quantized", "quantized_r8", "quantized_recipe", "quantized_gc", "quantized_gc_r8"):
+        if section in sections:
+            r = sections[section]
+            load = f"; load peak {r['nf4']['load_peak_mib']:.0f} MiB" if "load_peak_mib" in r["nf4"] else ""
+            lines.append(f"{section}: peak {r['nf4']['peak_mib']:.0f} / {r['bf16']['peak_mib']:.0f} MiB = "
+                         f"{r['peak_ratio']:.3f}x, step time {r['step_time_ratio']:.2f}x "
+                         f"({r['nf4']['step_s'] * 1000:.0f} / {r['bf16']['step_s'] * 1000:.0f} ms){load}")
+    if "ep" in sections:
+        lines.extend(f"ep {r['ep']} rank {r['rank']}: routed experts {r['routed_expert_bytes'] / 2**20:.1f} MiB"
+                     + (f", CUDA peak {r['cuda_peak_bytes'] / 2**20:.0f} MiB" if "cuda_peak_bytes" in r else "")
+                     for r in sections["ep"])
     return "\n".join(lines)
 
 

@@ -23,7 +23,8 @@ def test_cpu_smoke_writes_every_section(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "cpu-smoke.json").read_text())
     assert results["mode"] == "cpu-smoke" and results["device"] == "cpu"
-    assert set(results["sections"]) == {"layer", "whole_model", "pesc", "scoring"}
+    assert set(results["sections"]) == {"layer", "whole_model", "pesc", "scoring", "quantized", "quantized_r8",
+                                           "quantized_recipe", "quantized_gc", "quantized_gc_r8", "ep"}
     assert set(results["commands"]) == set(results["sections"])
     assert "GPU run (cpu-smoke)" in done.stdout
 
@@ -53,6 +54,18 @@ def test_cpu_smoke_writes_every_section(tmp_path: Path) -> None:
     assert set(scoring) == {"deepseek_v2", "qwen3_moe"}
     for r in scoring.values():
         assert all(positive(r[key]) for key in ("plain_tok_s", "scoring_tok_s", "ratio"))
+
+    for section, rank in (("quantized", None), ("quantized_r8", 8), ("quantized_recipe", 8), ("quantized_gc", None),
+                          ("quantized_gc_r8", 8)):
+        quantized = results["sections"][section]
+        assert quantized["settings"]["delta_rank"] == rank
+        for base in ("bf16", "nf4"):
+            assert all(positive(quantized[base][key]) for key in ("peak_mib", "static_mib", "routed_experts_mib"))
+        assert quantized["nf4"]["routed_experts_mib"] < quantized["bf16"]["routed_experts_mib"]
+        assert positive(quantized["peak_ratio"]) and positive(quantized["step_time_ratio"])
+
+    (ep,) = results["sections"]["ep"]
+    assert ep["ep"] == 1 and positive(ep["routed_expert_bytes"]) and positive(ep["optimizer_bytes"])
 
 
 def test_gpu_mode_refuses_without_cuda(tmp_path: Path) -> None:
