@@ -3,7 +3,8 @@
 One ``torchrun --nproc-per-node 2`` launch (gloo, CPU) of ``tests/ep_worker.py`` trains every family on models loaded
 with ``DistributedConfig(ep_size=2, fsdp_size=2)`` (each rank its half of the global batch), saves, reloads onto a
 fresh EP base, merges, scores, checks the errors, and trains PESC on a dense model loaded with
-``DistributedConfig(fsdp_size=2)``; a second launch runs one family on 4 processes. Each result is
+``DistributedConfig(fsdp_size=2)``; a second launch runs one family on 4 processes, a third trains two families with
+``transformers.Trainer``. Each result is
 compared here with the same code run in one process on the whole batch. Tolerance (float32): 1e-5 on losses, adapter
 values and logits.
 """
@@ -139,6 +140,30 @@ def test_pesc_under_transformers_fsdp2_equals_one_process(two_ranks, models, tmp
     model.save_pretrained(tmp_path / "single")
     assert json.loads((two_ranks / "pesc_llama" / "losses.json").read_text()) == pytest.approx(losses, abs=ATOL)
     assert_same_adapter(tmp_path / "single", two_ranks / "pesc_llama")
+
+
+@pytest.fixture(scope="module")
+def trainer_two_ranks(models, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ep2_trainer")
+    torchrun(2, ["--models", models, "--out", out, "--families", "--trainer", *ep_worker.TRAINER_FAMILIES])
+    return out / "trainer"
+
+
+@pytest.mark.parametrize("family", ep_worker.TRAINER_FAMILIES)
+def test_trainer_under_ep_equals_one_process(trainer_two_ranks, models, tmp_path, family):
+    """transformers.Trainer on the EP-loaded model, nothing extra called: gradient accumulation, clipping by the
+    global norm and save_model on every rank give the one-process adapter."""
+    base = AutoModelForCausalLM.from_pretrained(models / family, dtype=torch.float32)
+    expected = ep_worker.trainer_train(get_peft_model(base, ep_worker.esft_config(family, base)), family,
+                                       tmp_path / "single")
+    got = json.loads((trainer_two_ranks / family / "history.json").read_text())
+    assert got["hooked"] == 0  # Trainer's own broadcast/all-reduce skipped every (DTensor) delta
+    assert len(got["history"]) == len(expected) == ep_worker.TRAINER_STEPS
+    for step, entry in zip(got["history"], expected):
+        assert entry["grad_norm"] > ep_worker.MAX_GRAD_NORM[family]  # clipping was active
+        assert step["grad_norm"] == pytest.approx(entry["grad_norm"], rel=1e-5)
+        assert step["loss"] == pytest.approx(entry["loss"], abs=ATOL)
+    assert_same_adapter(tmp_path / "single", trainer_two_ranks / family)
 
 
 def test_four_ranks_equal_one_process(models, tmp_path):
