@@ -152,7 +152,7 @@ def trainer_two_ranks(models, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("family", ep_worker.TRAINER_FAMILIES)
 def test_trainer_under_ep_equals_one_process(trainer_two_ranks, models, tmp_path, family):
     """transformers.Trainer on the EP-loaded model, nothing extra called: gradient accumulation, clipping by the
-    global norm and save_model on every rank give the one-process adapter."""
+    global norm, the ESFT authors' weight decay and save_model on every rank give the one-process adapter."""
     base = AutoModelForCausalLM.from_pretrained(models / family, dtype=torch.float32)
     expected = ep_worker.trainer_train(get_peft_model(base, ep_worker.esft_config(family, base)), family,
                                        tmp_path / "single")
