@@ -78,8 +78,8 @@ def train(model, rank: int = 0, world: int = 1, lr: float = LR) -> list[float]:
     return losses
 
 
-# transformers.Trainer: 2 optimizer steps of 2 accumulated micro-batches of GLOBAL_BATCH sequences, plain SGD, the
-# gradients clipped (a max_grad_norm below each family's gradient norm, so that the clip factor depends on the norm:
+# transformers.Trainer: 2 optimizer steps of 2 accumulated micro-batches of GLOBAL_BATCH sequences, plain SGD,
+# activation checkpointing (esft_training_arguments' default), the gradients clipped (a max_grad_norm below each family's gradient norm, so that the clip factor depends on the norm:
 # the test checks that it was active), the ESFT authors' weight decay of W + delta (ExpertWeightDecayCallback).
 TRAINER_FAMILIES = ("qwen3_moe", "deepseek_v2")
 TRAINER_LR, TRAINER_STEPS, ACCUMULATION, WEIGHT_DECAY = 50.0, 2, 2, 1e-3
@@ -96,15 +96,14 @@ def trainer_data() -> list[dict]:
 def trainer_train(model, family: str, out: Path, world: int = 1) -> list[dict]:
     """Train with ``transformers.Trainer`` (each of ``world`` processes gets its slice of each global batch from the
     Trainer's own data loader), save with ``trainer.save_model(out)`` (on every rank); the per-step log entries."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
-    from esft_peft.training import ExpertWeightDecayCallback
+    from esft_peft.training import ExpertWeightDecayCallback, esft_training_arguments
 
-    args = TrainingArguments(
+    args = esft_training_arguments(  # the paper's settings, activation checkpointing on, SGD instead of AdamW
         str(out / "run"), per_device_train_batch_size=GLOBAL_BATCH // world, gradient_accumulation_steps=ACCUMULATION,
-        max_steps=TRAINER_STEPS, learning_rate=TRAINER_LR, optim="sgd", lr_scheduler_type="constant",
-        max_grad_norm=MAX_GRAD_NORM[family], weight_decay=WEIGHT_DECAY, logging_steps=1, save_strategy="no",
-        report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        max_steps=TRAINER_STEPS, learning_rate=TRAINER_LR, optim="sgd", max_grad_norm=MAX_GRAD_NORM[family],
+        weight_decay=WEIGHT_DECAY, logging_steps=1, seed=0, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=trainer_data(), callbacks=[ExpertWeightDecayCallback()])
     trainer.train()
