@@ -211,9 +211,8 @@ def _owned_rows_parameter(shard: ExpertShard, whole_rows: int, rows: nn.Paramete
     The ranks' rows are those they own, so the shards are uneven; DTensor only ever computes on them locally
     (elementwise optimizer steps, norms reduced over the mesh): the whole delta is gathered by :func:`gather_rows`."""
     shape = torch.Size((whole_rows, *rows.shape[1:]))
-    value = DTensor.from_local(
-        rows.data, shard.ep_mesh, [Shard(0)], run_check=False, shape=shape, stride=torch.empty(shape, device="meta").stride()
-    )
+    stride = torch.empty(shape, device="meta").stride()
+    value = DTensor.from_local(rows.data, shard.ep_mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
     return nn.Parameter(value, requires_grad=rows.requires_grad)
 
 
