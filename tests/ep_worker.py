@@ -26,9 +26,12 @@ import os
 import sys
 from pathlib import Path
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from peft import PeftModel, get_peft_model
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -59,8 +62,9 @@ def esft_config(family: str, model) -> ESFTConfig:
     )
 
 
-def train(model, rank: int = 0, world: int = 1, lr: float = LR) -> list[float]:
-    """``STEPS`` SGD steps on this rank's slice of each global batch; the global mean losses."""
+def train(model, rank: int = 0, world: int = 1, lr: float = LR, grad_norms: Optional[list] = None) -> list[float]:
+    """``STEPS`` SGD steps on this rank's slice of each global batch; the global mean losses. ``grad_norms`` collects
+    the gradients' global norm at each step, as ``torch.nn.utils.clip_grad_norm_`` computes it (nothing clipped)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM)
     losses = []
@@ -68,6 +72,9 @@ def train(model, rank: int = 0, world: int = 1, lr: float = LR) -> list[float]:
         ids = global_batch(step).chunk(world)[rank]
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        if grad_norms is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+            grad_norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss = loss.detach().clone()
@@ -141,7 +148,8 @@ def run_family(family: str, models: Path, out: Path, rank: int, world: int, ep: 
     out = out if ep else out / "fsdp"
     base = ep_base(models / family, world, ep)
     model = get_peft_model(base, esft_config(family, base)).train()
-    losses = train(model, rank, world)
+    grad_norms = []
+    losses = train(model, rank, world, grad_norms=grad_norms)
     trained = logits(model)
     # peft gathers the whole state dict of a sharded model unless given the adapter's (docs/distributed.md)
     adapter = {"state_dict": gather_adapter_state_dict(model)} if family == "mixtral" else {}
@@ -152,6 +160,7 @@ def run_family(family: str, models: Path, out: Path, rank: int, world: int, ep: 
     merged = logits(loaded.merge_and_unload())
     if rank == 0:
         (out / family / "losses.json").write_text(json.dumps(losses))
+        (out / family / "grad_norms.json").write_text(json.dumps(grad_norms))
         torch.save({"trained": trained, "reloaded": reloaded, "merged": merged}, out / family / "ep_logits.pt")
 
 

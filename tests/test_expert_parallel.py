@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -65,11 +66,11 @@ def two_ranks(models, tmp_path_factory) -> Path:
     return out
 
 
-def one_process(models: Path, family: str, out: Path):
+def one_process(models: Path, family: str, out: Path, grad_norms: Optional[list] = None):
     """The reference: the same config and loop in one process on the whole batch."""
     base = AutoModelForCausalLM.from_pretrained(models / family, dtype=torch.float32)
     model = get_peft_model(base, ep_worker.esft_config(family, base)).train()
-    losses = ep_worker.train(model)
+    losses = ep_worker.train(model, grad_norms=grad_norms)
     model.save_pretrained(out)
     return model, losses
 
@@ -88,8 +89,11 @@ def assert_same_adapter(expected_dir: Path, got_dir: Path) -> None:
 
 @pytest.mark.parametrize("family", ep_worker.FAMILIES)
 def test_ep_training_saving_loading_and_merging_equal_one_process(two_ranks, models, tmp_path, family):
-    single, losses = one_process(models, family, tmp_path / "single")
+    grad_norms = []
+    single, losses = one_process(models, family, tmp_path / "single", grad_norms)
     assert json.loads((two_ranks / family / "losses.json").read_text()) == pytest.approx(losses, abs=ATOL)
+    # torch's clip_grad_norm_ over the trainable (DTensor) deltas computes one process's global norm
+    assert json.loads((two_ranks / family / "grad_norms.json").read_text()) == pytest.approx(grad_norms, rel=ATOL)
     assert_same_adapter(tmp_path / "single", two_ranks / family)
     expected = ep_worker.logits(single)
     ep = torch.load(two_ranks / family / "ep_logits.pt")
@@ -124,9 +128,11 @@ def test_ep_errors_are_clear_and_leave_the_model_unwrapped(two_ranks):
 
 
 def test_esft_under_transformers_fsdp2_alone_equals_one_process(two_ranks, models, tmp_path):
-    single, losses = one_process(models, "qwen3_moe", tmp_path / "single")
+    grad_norms = []
+    single, losses = one_process(models, "qwen3_moe", tmp_path / "single", grad_norms)
     got = two_ranks / "fsdp" / "qwen3_moe"
     assert json.loads((got / "losses.json").read_text()) == pytest.approx(losses, abs=ATOL)
+    assert json.loads((got / "grad_norms.json").read_text()) == pytest.approx(grad_norms, rel=ATOL)
     assert_same_adapter(tmp_path / "single", got)
     expected, ep = ep_worker.logits(single), torch.load(got / "ep_logits.pt")
     for name in ("trained", "reloaded", "merged"):
@@ -169,8 +175,10 @@ def test_trainer_under_ep_equals_one_process(trainer_two_ranks, models, tmp_path
 def test_four_ranks_equal_one_process(models, tmp_path):
     family = "qwen3_moe"
     torchrun(4, ["--models", models, "--out", tmp_path / "ep4", "--families", family])
-    single, losses = one_process(models, family, tmp_path / "single")
+    grad_norms = []
+    single, losses = one_process(models, family, tmp_path / "single", grad_norms)
     assert json.loads((tmp_path / "ep4" / family / "losses.json").read_text()) == pytest.approx(losses, abs=ATOL)
+    assert json.loads((tmp_path / "ep4" / family / "grad_norms.json").read_text()) == pytest.approx(grad_norms, rel=ATOL)
     assert_same_adapter(tmp_path / "single", tmp_path / "ep4" / family)
     ep = torch.load(tmp_path / "ep4" / family / "ep_logits.pt")
     torch.testing.assert_close(ep["merged"], ep_worker.logits(single), atol=ATOL, rtol=0)

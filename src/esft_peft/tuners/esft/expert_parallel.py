@@ -20,8 +20,8 @@ function on local ids, all-to-all back) and FSDP2-shards the dense modules. ESFT
   (:meth:`ESFTLayer.delta_of`), so a plain loop and gradient accumulation need no extra call.
 - **DTensors.** Every delta is a DTensor parameter (:func:`distribute_layer`): the owned rows ``Shard(0)`` on the
   ``ep`` mesh (each rank's rows of the whole ``(len(selection), ...)`` delta, grouped by owner; never gathered by
-  DTensor itself, see below), replicated deltas ``Replicate()`` on the data-parallel mesh. That is the contract the
-  ecosystem reads: ``transformers.Trainer`` broadcasts and all-reduces only the trainable parameters that are *not*
+  DTensor itself, see below), replicated deltas ``Replicate()`` on the same mesh (:func:`delta_mesh`). That is the
+  contract the ecosystem reads: ``transformers.Trainer`` broadcasts and all-reduces only the trainable parameters that are *not*
   DTensors (which would overwrite and mix the rank-local rows), and ``clip_grad_norm_`` (torch, accelerate,
   Trainer) sums the norms of ``Shard`` DTensors over their mesh, so clipping uses the one-process global norm.
 - **Saving and loading.** The layer's ``state_dict`` holds the whole adapter as plain tensors: owned rows are
@@ -44,7 +44,7 @@ from ...moe.errors import UnsupportedLayoutError
 from ...moe.layouts.base import bind_arguments, call_arguments
 from ...moe.partitioned import logical_shape
 from ...moe.rows import ids_tensor, inverse_permutation, permute_rows
-from ..data_parallel import (  # noqa: F401  (data_parallel_mesh, data_parallel_size, replicated_sync: for the tuner)
+from ..data_parallel import (  # noqa: F401  (data_parallel_size, replicated_sync: for the tuner)
     broadcast_replicated,
     check_supported_parallelism,
     data_parallel_mesh,
@@ -227,9 +227,21 @@ def _as_parameter_value(layer: nn.Module, adapter: str, param: torch.Tensor, val
                               stride=param.stride())
 
 
+def delta_mesh(model: nn.Module) -> Any:
+    """The device mesh of every DTensor delta of ``model``: the EP mesh of its expert-parallel experts (it spans the
+    data-parallel ranks: ``ep_size == fsdp_size``), else the data-parallel (FSDP2) mesh. One mesh for all deltas, so
+    that ``torch.nn.utils.clip_grad_norm_`` over them all works (it refuses DTensors on different meshes)."""
+    for module in model.modules():
+        if getattr(module, "_is_expert_parallel", False):
+            shard = expert_shard(module)
+            if shard is not None:
+                return shard.ep_mesh
+    return data_parallel_mesh(model)
+
+
 def distribute_layer(layer: nn.Module, adapter: str, mesh: Any) -> None:
     """Make ``adapter``'s tensors of ``layer`` DTensor parameters: owned expert rows ``Shard(0)`` on the EP mesh,
-    every other delta ``Replicate()`` on the data-parallel ``mesh`` (broadcast from rank 0 first, so that random
+    every other delta ``Replicate()`` on ``mesh`` (:func:`delta_mesh`; broadcast from rank 0 first, so that random
     initialisations agree); and make ``layer.state_dict()`` hold them whole and plain (a collective for owned rows)
     and ``layer.load_state_dict`` accept whole tensors."""
     shard = getattr(layer, "expert_shard", None)

@@ -90,7 +90,7 @@ class ESFTModel(SavedTensorChecks, BaseTuner):
             del self._injecting
             self.__dict__.pop("_four_bit", None)
         if expert_parallel.data_parallel_size(model) > 1:  # the deltas become DTensors (expert_parallel.py)
-            mesh = expert_parallel.data_parallel_mesh(model)
+            mesh = expert_parallel.delta_mesh(model)
             for module in model.modules():
                 if isinstance(module, ESFTLayer):
                     expert_parallel.distribute_layer(module, adapter_name, mesh)
