@@ -86,8 +86,9 @@ def train(model, rank: int = 0, world: int = 1, lr: float = LR, grad_norms: Opti
 
 
 # transformers.Trainer: 2 optimizer steps of 2 accumulated micro-batches of GLOBAL_BATCH sequences, plain SGD,
-# activation checkpointing (esft_training_arguments' default), the gradients clipped (a max_grad_norm below each family's gradient norm, so that the clip factor depends on the norm:
-# the test checks that it was active), the ESFT authors' weight decay of W + delta (ExpertWeightDecayCallback).
+# activation checkpointing (esft_training_arguments' default), the gradients clipped (a max_grad_norm below each
+# family's gradient norm, so that the clip factor depends on the norm: the test checks that it was active), the ESFT
+# authors' weight decay of W + delta (ExpertWeightDecayCallback).
 TRAINER_FAMILIES = ("qwen3_moe", "deepseek_v2")
 TRAINER_LR, TRAINER_STEPS, ACCUMULATION, WEIGHT_DECAY = 50.0, 2, 2, 1e-3
 MAX_GRAD_NORM = {"qwen3_moe": 0.003, "deepseek_v2": 0.04}

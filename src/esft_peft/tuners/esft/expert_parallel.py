@@ -21,9 +21,10 @@ function on local ids, all-to-all back) and FSDP2-shards the dense modules. ESFT
 - **DTensors.** Every delta is a DTensor parameter (:func:`distribute_layer`): the owned rows ``Shard(0)`` on the
   ``ep`` mesh (each rank's rows of the whole ``(len(selection), ...)`` delta, grouped by owner; never gathered by
   DTensor itself, see below), replicated deltas ``Replicate()`` on the same mesh (:func:`delta_mesh`). That is the
-  contract the ecosystem reads: ``transformers.Trainer`` broadcasts and all-reduces only the trainable parameters that are *not*
-  DTensors (which would overwrite and mix the rank-local rows), and ``clip_grad_norm_`` (torch, accelerate,
-  Trainer) sums the norms of ``Shard`` DTensors over their mesh, so clipping uses the one-process global norm.
+  contract the ecosystem reads: ``transformers.Trainer`` broadcasts and all-reduces only the trainable parameters
+  that are *not* DTensors (which would overwrite and mix the rank-local rows), and ``clip_grad_norm_`` (torch,
+  accelerate, Trainer) sums the norms of ``Shard`` DTensors over their mesh, so clipping uses the one-process global
+  norm.
 - **Saving and loading.** The layer's ``state_dict`` holds the whole adapter as plain tensors: owned rows are
   all-gathered over the EP group into the selection's order (every rank must call ``state_dict``/
   ``save_pretrained``, as Trainer does: pass ``is_main_process=(rank == 0)`` so that one rank writes). Loading a
