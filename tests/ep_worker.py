@@ -11,8 +11,11 @@ loop (forward, ``loss.backward()``, ``optimizer.step()``) on this rank's slice o
 ``--out/<family>/ep_logits.pt``. ``--score`` also scores the first family's base under EP, ``--errors`` records the
 refusals, ``--pesc llama`` trains PESC on a dense model loaded with ``DistributedConfig(fsdp_size=WORLD_SIZE)``, and
 ``--fsdp qwen3_moe`` runs the ESFT steps above on a model loaded that way (experts FSDP2-sharded, not EP), into
-``--out/fsdp``.
-``train``, ``logits`` and ``pesc_model`` are the same code the test runs in one process on the whole batch.
+``--out/fsdp``, and ``--trainer qwen3_moe deepseek_v2`` trains the EP-loaded model with ``transformers.Trainer``
+(gradient accumulation, clipping active) and saves it with ``trainer.save_model`` on every rank, into
+``--out/trainer/<family>``.
+``train``, ``trainer_train``, ``logits`` and ``pesc_model`` are the same code the test runs in one process on the
+whole batch.
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ import os
 import sys
 from pathlib import Path
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from peft import PeftModel, get_peft_model
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -56,8 +62,9 @@ def esft_config(family: str, model) -> ESFTConfig:
     )
 
 
-def train(model, rank: int = 0, world: int = 1, lr: float = LR) -> list[float]:
-    """``STEPS`` SGD steps on this rank's slice of each global batch; the global mean losses."""
+def train(model, rank: int = 0, world: int = 1, lr: float = LR, grad_norms: Optional[list] = None) -> list[float]:
+    """``STEPS`` SGD steps on this rank's slice of each global batch; the global mean losses. ``grad_norms`` collects
+    the gradients' global norm at each step, as ``torch.nn.utils.clip_grad_norm_`` computes it (nothing clipped)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM)
     losses = []
@@ -65,6 +72,9 @@ def train(model, rank: int = 0, world: int = 1, lr: float = LR) -> list[float]:
         ids = global_batch(step).chunk(world)[rank]
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        if grad_norms is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+            grad_norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss = loss.detach().clone()
@@ -73,6 +83,50 @@ def train(model, rank: int = 0, world: int = 1, lr: float = LR) -> list[float]:
             loss /= world
         losses.append(loss.item())
     return losses
+
+
+# transformers.Trainer: 2 optimizer steps of 2 accumulated micro-batches of GLOBAL_BATCH sequences, plain SGD,
+# activation checkpointing (esft_training_arguments' default), the gradients clipped (a max_grad_norm below each
+# family's gradient norm, so that the clip factor depends on the norm: the test checks that it was active), the ESFT
+# authors' weight decay of W + delta (ExpertWeightDecayCallback).
+TRAINER_FAMILIES = ("qwen3_moe", "deepseek_v2")
+TRAINER_LR, TRAINER_STEPS, ACCUMULATION, WEIGHT_DECAY = 50.0, 2, 2, 1e-3
+MAX_GRAD_NORM = {"qwen3_moe": 0.003, "deepseek_v2": 0.04}
+
+
+def trainer_data() -> list[dict]:
+    g = torch.Generator().manual_seed(11)
+    count = GLOBAL_BATCH * ACCUMULATION * TRAINER_STEPS
+    return [{"input_ids": ids, "labels": ids.clone()}
+            for ids in torch.randint(0, COMMON["vocab_size"], (count, LENGTH), generator=g)]
+
+
+def trainer_train(model, family: str, out: Path, world: int = 1) -> list[dict]:
+    """Train with ``transformers.Trainer`` (each of ``world`` processes gets its slice of each global batch from the
+    Trainer's own data loader), save with ``trainer.save_model(out)`` (on every rank); the per-step log entries."""
+    from transformers import Trainer
+
+    from esft_peft.training import ExpertWeightDecayCallback, esft_training_arguments
+
+    args = esft_training_arguments(  # the paper's settings, activation checkpointing on, SGD instead of AdamW
+        str(out / "run"), per_device_train_batch_size=GLOBAL_BATCH // world, gradient_accumulation_steps=ACCUMULATION,
+        max_steps=TRAINER_STEPS, learning_rate=TRAINER_LR, optim="sgd", max_grad_norm=MAX_GRAD_NORM[family],
+        weight_decay=WEIGHT_DECAY, logging_steps=1, seed=0, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=trainer_data(), callbacks=[ExpertWeightDecayCallback()])
+    trainer.train()
+    trainer.save_model(str(out))
+    return [entry for entry in trainer.state.log_history if "grad_norm" in entry]
+
+
+def run_trainer(family: str, models: Path, out: Path, rank: int, world: int) -> None:
+    base = ep_base(models / family, world)
+    model = get_peft_model(base, esft_config(family, base))
+    history = trainer_train(model, family, out / "trainer" / family, world)
+    # the Trainer's own synchronisation of plain trainable tensors must not have touched ESFT's DTensor deltas
+    hooked = sum(getattr(p, "_replicated_grad_hook_registered", False) for p in model.parameters())
+    if rank == 0:
+        (out / "trainer" / family / "history.json").write_text(json.dumps({"history": history, "hooked": hooked}))
 
 
 @torch.no_grad()
@@ -95,7 +149,8 @@ def run_family(family: str, models: Path, out: Path, rank: int, world: int, ep: 
     out = out if ep else out / "fsdp"
     base = ep_base(models / family, world, ep)
     model = get_peft_model(base, esft_config(family, base)).train()
-    losses = train(model, rank, world)
+    grad_norms = []
+    losses = train(model, rank, world, grad_norms=grad_norms)
     trained = logits(model)
     # peft gathers the whole state dict of a sharded model unless given the adapter's (docs/distributed.md)
     adapter = {"state_dict": gather_adapter_state_dict(model)} if family == "mixtral" else {}
@@ -106,6 +161,7 @@ def run_family(family: str, models: Path, out: Path, rank: int, world: int, ep: 
     merged = logits(loaded.merge_and_unload())
     if rank == 0:
         (out / family / "losses.json").write_text(json.dumps(losses))
+        (out / family / "grad_norms.json").write_text(json.dumps(grad_norms))
         torch.save({"trained": trained, "reloaded": reloaded, "merged": merged}, out / family / "ep_logits.pt")
 
 
@@ -195,11 +251,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES))
+    parser.add_argument("--families", nargs="*", default=list(FAMILIES))
     parser.add_argument("--score", action="store_true")
     parser.add_argument("--errors", action="store_true")
     parser.add_argument("--pesc", nargs="*", default=[], help="dense families to train PESC on under FSDP2")
     parser.add_argument("--fsdp", nargs="*", default=[], help="MoE families to train ESFT on under FSDP2 alone")
+    parser.add_argument("--trainer", nargs="*", default=[], help="MoE families to train with transformers.Trainer")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -213,6 +270,8 @@ def main() -> None:
         run_pesc(family, args.models, args.out, rank, world)
     for family in args.fsdp:
         run_family(family, args.models, args.out, rank, world, ep=False)
+    for family in args.trainer:
+        run_trainer(family, args.models, args.out, rank, world)
     dist.barrier()
 
 

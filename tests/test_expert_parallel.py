@@ -3,7 +3,8 @@
 One ``torchrun --nproc-per-node 2`` launch (gloo, CPU) of ``tests/ep_worker.py`` trains every family on models loaded
 with ``DistributedConfig(ep_size=2, fsdp_size=2)`` (each rank its half of the global batch), saves, reloads onto a
 fresh EP base, merges, scores, checks the errors, and trains PESC on a dense model loaded with
-``DistributedConfig(fsdp_size=2)``; a second launch runs one family on 4 processes. Each result is
+``DistributedConfig(fsdp_size=2)``; a second launch runs one family on 4 processes, a third trains two families with
+``transformers.Trainer``. Each result is
 compared here with the same code run in one process on the whole batch. Tolerance (float32): 1e-5 on losses, adapter
 values and logits.
 """
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -64,11 +66,11 @@ def two_ranks(models, tmp_path_factory) -> Path:
     return out
 
 
-def one_process(models: Path, family: str, out: Path):
+def one_process(models: Path, family: str, out: Path, grad_norms: Optional[list] = None):
     """The reference: the same config and loop in one process on the whole batch."""
     base = AutoModelForCausalLM.from_pretrained(models / family, dtype=torch.float32)
     model = get_peft_model(base, ep_worker.esft_config(family, base)).train()
-    losses = ep_worker.train(model)
+    losses = ep_worker.train(model, grad_norms=grad_norms)
     model.save_pretrained(out)
     return model, losses
 
@@ -87,8 +89,11 @@ def assert_same_adapter(expected_dir: Path, got_dir: Path) -> None:
 
 @pytest.mark.parametrize("family", ep_worker.FAMILIES)
 def test_ep_training_saving_loading_and_merging_equal_one_process(two_ranks, models, tmp_path, family):
-    single, losses = one_process(models, family, tmp_path / "single")
+    grad_norms = []
+    single, losses = one_process(models, family, tmp_path / "single", grad_norms)
     assert json.loads((two_ranks / family / "losses.json").read_text()) == pytest.approx(losses, abs=ATOL)
+    # torch's clip_grad_norm_ over the trainable (DTensor) deltas computes one process's global norm
+    assert json.loads((two_ranks / family / "grad_norms.json").read_text()) == pytest.approx(grad_norms, rel=ATOL)
     assert_same_adapter(tmp_path / "single", two_ranks / family)
     expected = ep_worker.logits(single)
     ep = torch.load(two_ranks / family / "ep_logits.pt")
@@ -123,9 +128,11 @@ def test_ep_errors_are_clear_and_leave_the_model_unwrapped(two_ranks):
 
 
 def test_esft_under_transformers_fsdp2_alone_equals_one_process(two_ranks, models, tmp_path):
-    single, losses = one_process(models, "qwen3_moe", tmp_path / "single")
+    grad_norms = []
+    single, losses = one_process(models, "qwen3_moe", tmp_path / "single", grad_norms)
     got = two_ranks / "fsdp" / "qwen3_moe"
     assert json.loads((got / "losses.json").read_text()) == pytest.approx(losses, abs=ATOL)
+    assert json.loads((got / "grad_norms.json").read_text()) == pytest.approx(grad_norms, rel=ATOL)
     assert_same_adapter(tmp_path / "single", got)
     expected, ep = ep_worker.logits(single), torch.load(got / "ep_logits.pt")
     for name in ("trained", "reloaded", "merged"):
@@ -141,11 +148,38 @@ def test_pesc_under_transformers_fsdp2_equals_one_process(two_ranks, models, tmp
     assert_same_adapter(tmp_path / "single", two_ranks / "pesc_llama")
 
 
+@pytest.fixture(scope="module")
+def trainer_two_ranks(models, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ep2_trainer")
+    torchrun(2, ["--models", models, "--out", out, "--families", "--trainer", *ep_worker.TRAINER_FAMILIES])
+    return out / "trainer"
+
+
+@pytest.mark.parametrize("family", ep_worker.TRAINER_FAMILIES)
+def test_trainer_under_ep_equals_one_process(trainer_two_ranks, models, tmp_path, family):
+    """transformers.Trainer on the EP-loaded model, nothing extra called: gradient accumulation, clipping by the
+    global norm, the ESFT authors' weight decay and save_model on every rank give the one-process adapter."""
+    base = AutoModelForCausalLM.from_pretrained(models / family, dtype=torch.float32)
+    expected = ep_worker.trainer_train(get_peft_model(base, ep_worker.esft_config(family, base)), family,
+                                       tmp_path / "single")
+    got = json.loads((trainer_two_ranks / family / "history.json").read_text())
+    assert got["hooked"] == 0  # Trainer's own broadcast/all-reduce skipped every (DTensor) delta
+    assert len(got["history"]) == len(expected) == ep_worker.TRAINER_STEPS
+    for step, entry in zip(got["history"], expected):
+        assert entry["grad_norm"] > ep_worker.MAX_GRAD_NORM[family]  # clipping was active
+        assert step["grad_norm"] == pytest.approx(entry["grad_norm"], rel=1e-5)
+        assert step["loss"] == pytest.approx(entry["loss"], abs=ATOL)
+    assert_same_adapter(tmp_path / "single", trainer_two_ranks / family)
+
+
 def test_four_ranks_equal_one_process(models, tmp_path):
     family = "qwen3_moe"
     torchrun(4, ["--models", models, "--out", tmp_path / "ep4", "--families", family])
-    single, losses = one_process(models, family, tmp_path / "single")
+    grad_norms = []
+    single, losses = one_process(models, family, tmp_path / "single", grad_norms)
     assert json.loads((tmp_path / "ep4" / family / "losses.json").read_text()) == pytest.approx(losses, abs=ATOL)
+    got_norms = json.loads((tmp_path / "ep4" / family / "grad_norms.json").read_text())
+    assert got_norms == pytest.approx(grad_norms, rel=ATOL)
     assert_same_adapter(tmp_path / "single", tmp_path / "ep4" / family)
     ep = torch.load(tmp_path / "ep4" / family / "ep_logits.pt")
     torch.testing.assert_close(ep["merged"], ep_worker.logits(single), atol=ATOL, rtol=0)

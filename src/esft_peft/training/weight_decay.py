@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import TrainerCallback
 
+from ..tuners.data_parallel import local_tensor
 from ..tuners.esft.layer import ESFTLayer
 
 
@@ -53,7 +54,8 @@ def decay_expert_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
                 owner = owners.get(id(param))
                 if owner is not None:
                     layer, adapter, name = owner
-                    param.sub_(layer.base_weights(adapter)[name].to(param.dtype), alpha=rate)
+                    # a DTensor delta (model sharded by transformers): this rank's rows, under its base rows
+                    local_tensor(param).sub_(layer.base_weights(adapter)[name].to(param.dtype), alpha=rate)
 
     return inner.register_step_post_hook(decay)
 

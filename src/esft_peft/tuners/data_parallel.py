@@ -6,6 +6,9 @@ tensors that nothing keeps in sync: every rank would train its own copy on its o
 therefore start such parameters from rank 0's values (:func:`broadcast_replicated`) and average their gradients
 over the data-parallel group once per backward pass, after it ends (:class:`ReplicatedGradients`), so that a plain
 loop (forward, ``loss.backward()``, ``optimizer.step()``) trains what one process trains on the whole batch.
+ESFT also declares them as ``Replicate()`` DTensors on the data-parallel mesh (:func:`replicated_parameter`): the
+ecosystem's mark of a tensor whose synchronisation its owner handles (``transformers.Trainer`` leaves DTensors alone,
+``clip_grad_norm_`` reduces their norms per mesh).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
 
 
 def distributed_config(module: nn.Module) -> Any:
@@ -46,6 +50,11 @@ def check_supported_parallelism(model: nn.Module, method: str) -> None:
             f"{method} does not build. Load it with tp_size=pp_size=dp_replicate_size=1 (e.g. "
             "DistributedConfig(fsdp_size=WORLD_SIZE))."
         )
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (differentiable), a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class _AverageAfterBackward(torch.autograd.Function):
@@ -81,17 +90,14 @@ class ReplicatedGradients:
         self._order.setdefault(id(param), len(self._order))
         self._used.setdefault(id(param), param)
 
-    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
-        """``delta`` (a leaf parameter) as the forward uses it."""
-        if not (torch.is_grad_enabled() and delta.requires_grad):
-            return delta
-        if not delta.is_leaf:
-            raise RuntimeError(
-                "Training several ESFT adapters at once is not supported on a data-parallel model sharded by "
-                "transformers (their combined deltas have no gradient of their own to average). Train one adapter."
-            )
-        self._use(delta)
-        return _AverageAfterBackward.apply(delta, self)
+    def __call__(self, param: torch.Tensor) -> torch.Tensor:
+        """``param`` (a leaf parameter, plain or a ``Replicate()`` DTensor) as the forward uses it: this rank's
+        plain tensor, whose gradient is averaged after the backward pass."""
+        local = local_tensor(param)
+        if not (torch.is_grad_enabled() and param.requires_grad):
+            return local
+        self._use(param)
+        return _AverageAfterBackward.apply(local, self)
 
     def watch(self, params: Iterable[torch.Tensor]) -> None:
         """Average the gradients of ``params`` (trainable leaves) after every backward pass that reaches them."""
@@ -115,8 +121,9 @@ class ReplicatedGradients:
         for param in used:
             if param.grad is None:
                 continue
-            dist.all_reduce(param.grad, group=self.group)
-            param.grad.div_(self.size)
+            grad = local_tensor(param.grad)
+            dist.all_reduce(grad, group=self.group)
+            grad.div_(self.size)
 
 
 def replicated_sync(model: nn.Module) -> Optional[ReplicatedGradients]:
@@ -130,6 +137,25 @@ def broadcast_replicated(params: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for param in params:
             dist.broadcast(param.data, src=0)
+
+
+def data_parallel_mesh(model: nn.Module) -> Any:
+    """The 1-D device mesh over the data-parallel ranks of a model sharded by transformers: the FSDP2 mesh its dense
+    weights live on."""
+    for param in model.parameters():
+        if isinstance(param, DTensor) and "fsdp" in (param.device_mesh.mesh_dim_names or ()):
+            mesh = param.device_mesh
+            return mesh["fsdp"] if mesh.ndim > 1 else mesh
+    raise RuntimeError(
+        "This model is marked as sharded by transformers with data parallelism but holds no parameter on an `fsdp` "
+        "device mesh; load it with from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N))."
+    )
+
+
+def replicated_parameter(param: torch.Tensor, mesh: Any) -> nn.Parameter:
+    """``param`` (the same values on every rank) as a ``Replicate()`` DTensor parameter on ``mesh``."""
+    value = DTensor.from_local(param.data, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return nn.Parameter(value, requires_grad=param.requires_grad)
 
 
 def unsharded_auto_mapping(auto_mapping: dict) -> dict:

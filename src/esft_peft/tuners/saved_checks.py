@@ -160,14 +160,14 @@ class SavedTensorChecks:
 
     @classmethod
     def _shard_loaded(cls, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
-        """Reduce whole saved tensors to what this process holds (expert parallelism), in place; before the checks."""
+        """Turn whole saved tensors (checked) into what this process holds (DTensors on a model sharded by
+        transformers), in place; before peft distributes DTensor values its own way."""
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        cls._shard_loaded(model, adapter_name, remapped)
         try:
             check_loaded_tensors(
                 model, adapter_name, remapped, lambda key: cls._remove_adapter_name_from_key(key, adapter_name)
@@ -175,6 +175,7 @@ class SavedTensorChecks:
         except ValueError:
             _drop_loaded_adapter(model, adapter_name)
             raise
+        cls._shard_loaded(model, adapter_name, remapped)
         tuner = getattr(model, "base_model", None)
         if isinstance(tuner, SavedTensorChecks):
             tuner.adapters_from_saved_configs.discard(adapter_name)

@@ -14,13 +14,21 @@ function on local ids, all-to-all back) and FSDP2-shards the dense modules. ESFT
 - **Gradients.** Every rank trains on its own slice of the global batch and its loss is the mean over that slice.
   An owned delta row receives, through the all-to-all's backward, the gradient of every rank's loss: it is divided
   by the data-parallel size (what FSDP2 does for the base experts, ``set_gradient_divide_factor``). A replicated
-  trainable delta (shared experts, routers, non-expert modules; every delta when experts are not sharded) is an
-  ordinary tensor that FSDP2 does not manage: its gradient is averaged over the data-parallel group after each
-  backward pass (:class:`~esft_peft.tuners.data_parallel.ReplicatedGradients`). Both enter the forward graph as
-  identity functions, so a plain loop and gradient accumulation need no extra call.
-- **Saving and loading.** The layer's ``state_dict`` holds the whole adapter: owned rows are all-gathered over the
-  EP group into the selection's order (every rank must call ``state_dict``/``save_pretrained``: pass
-  ``is_main_process=(rank == 0)`` so that one rank writes). Loading a whole adapter keeps the owned rows.
+  trainable delta (shared experts, routers, non-expert modules; every delta when experts are not sharded) has its
+  gradient averaged over the data-parallel group after each backward pass
+  (:class:`~esft_peft.tuners.data_parallel.ReplicatedGradients`). Both enter the forward graph as identity functions
+  (:meth:`ESFTLayer.delta_of`), so a plain loop and gradient accumulation need no extra call.
+- **DTensors.** Every delta is a DTensor parameter (:func:`distribute_layer`): the owned rows ``Shard(0)`` on the
+  ``ep`` mesh (each rank's rows of the whole ``(len(selection), ...)`` delta, grouped by owner; never gathered by
+  DTensor itself, see below), replicated deltas ``Replicate()`` on the same mesh (:func:`delta_mesh`). That is the
+  contract the ecosystem reads: ``transformers.Trainer`` broadcasts and all-reduces only the trainable parameters
+  that are *not* DTensors (which would overwrite and mix the rank-local rows), and ``clip_grad_norm_`` (torch,
+  accelerate, Trainer) sums the norms of ``Shard`` DTensors over their mesh, so clipping uses the one-process global
+  norm.
+- **Saving and loading.** The layer's ``state_dict`` holds the whole adapter as plain tensors: owned rows are
+  all-gathered over the EP group into the selection's order (every rank must call ``state_dict``/
+  ``save_pretrained``, as Trainer does: pass ``is_main_process=(rank == 0)`` so that one rank writes). Loading a
+  whole adapter keeps the owned rows.
 """
 
 from __future__ import annotations
@@ -31,17 +39,20 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ...moe.errors import UnsupportedLayoutError
 from ...moe.layouts.base import bind_arguments, call_arguments
 from ...moe.partitioned import logical_shape
 from ...moe.rows import ids_tensor, inverse_permutation, permute_rows
-from ..data_parallel import (  # noqa: F401  (broadcast_replicated, data_parallel_size, replicated_sync: for the tuner)
+from ..data_parallel import (  # noqa: F401  (data_parallel_size, replicated_sync: for the tuner)
     broadcast_replicated,
     check_supported_parallelism,
+    data_parallel_mesh,
     data_parallel_size,
     distributed_config,
+    local_tensor,
+    replicated_parameter,
     replicated_sync,
 )
 from .compute import call_shadowed, with_delta
@@ -62,6 +73,7 @@ class ExpertShard:
     ep_rank: int
     ep_size: int
     ep_group: Any
+    ep_mesh: Any
     dp_size: int
 
     def owner(self, expert: int) -> int:
@@ -105,7 +117,7 @@ def expert_shard(experts: nn.Module) -> Optional[ExpertShard]:
         )
     return ExpertShard(
         first=ep_rank * count, count=count, num_experts=count * ep_size, ep_rank=ep_rank, ep_size=ep_size,
-        ep_group=mesh.get_group("ep"), dp_size=int(config.dp_size),
+        ep_group=mesh.get_group("ep"), ep_mesh=mesh["ep"] if mesh.ndim > 1 else mesh, dp_size=int(config.dp_size),
     )
 
 
@@ -143,16 +155,6 @@ class _ScaleGrad(torch.autograd.Function):
         return grad / ctx.size, None
 
 
-def _check_not_synced_elsewhere(delta: torch.Tensor) -> None:
-    if getattr(delta, "_replicated_grad_hook_registered", False):
-        raise RuntimeError(
-            "transformers.Trainer's `_sync_replicated_trainable_parameters` also averages the gradients of ESFT "
-            "deltas on this transformers-sharded model, and would mix the rank-local expert deltas of different "
-            "ranks. ESFT synchronises its deltas itself (installed by get_peft_model): train with a plain loop "
-            "(forward, loss.backward(), optimizer.step()) or accelerate."
-        )
-
-
 class ExpertRowGradients:
     """Gradients of sharded expert rows: their owner receives every rank's contribution through the all-to-all's
     backward; dividing by the data-parallel size gives the gradient of the mean loss (no collective)."""
@@ -160,19 +162,20 @@ class ExpertRowGradients:
     def __init__(self, size: int) -> None:
         self.size = size
 
-    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and delta.requires_grad):
-            return delta
-        _check_not_synced_elsewhere(delta)
-        return _ScaleGrad.apply(delta, self.size)
+    def __call__(self, param: torch.Tensor) -> torch.Tensor:
+        """``param`` (the owned rows, a ``Shard(0)`` DTensor) as the forward uses it: this rank's plain rows."""
+        local = local_tensor(param)
+        if not (torch.is_grad_enabled() and param.requires_grad):
+            return local
+        return _ScaleGrad.apply(local, self.size)
 
 
 # ---------------------------------------------------------------------------------------------------- save / load
 
 
 def gather_rows(shard: ExpertShard, selected: list[int], rows: torch.Tensor) -> torch.Tensor:
-    """The whole ``(len(selected), ...)`` delta in selection order from each rank's owned ``rows`` (a collective over
-    the EP group: every rank gets the result)."""
+    """The whole ``(len(selected), ...)`` delta in selection order from each rank's owned ``rows`` (plain tensors; a
+    collective over the EP group: every rank gets the result)."""
     owners = [shard.owner(e) for e in selected]
     counts = [owners.count(r) for r in range(shard.ep_size)]
     width = max(counts)
@@ -194,36 +197,90 @@ def owned_rows(shard: ExpertShard, selected: list[int], whole: torch.Tensor) -> 
     return whole[torch.tensor(positions, dtype=torch.long, device=whole.device)]
 
 
-def attach_state_dict_hooks(layer: nn.Module, container: str) -> None:
-    """Make ``layer.state_dict()`` hold its whole adapters (owned rows gathered over the EP group: a collective) and
-    ``layer.load_state_dict`` accept whole adapters (keeping the owned rows). ``layer`` has ``expert_shard``,
-    ``ep_selected`` (adapter -> whole selection) and ``<container>[adapter][name]`` rows."""
+def _adapter_parameters(layer: nn.Module, prefix: str) -> dict[str, tuple[str, nn.Parameter]]:
+    """State-dict key -> (adapter, parameter) of every adapter tensor ``layer`` holds directly."""
+    found = {}
+    for container in layer.adapter_layer_names:
+        for adapter, params in getattr(layer, container).items():
+            for name, param in params.items():
+                found[f"{prefix}{container}.{adapter}.{name}"] = (adapter, param)
+    return found
+
+
+def _owned_rows_parameter(shard: ExpertShard, whole_rows: int, rows: nn.Parameter) -> nn.Parameter:
+    """This rank's ``rows`` of a whole ``(whole_rows, ...)`` delta as a ``Shard(0)`` DTensor parameter on the EP mesh.
+    The ranks' rows are those they own, so the shards are uneven; DTensor only ever computes on them locally
+    (elementwise optimizer steps, norms reduced over the mesh): the whole delta is gathered by :func:`gather_rows`."""
+    shape = torch.Size((whole_rows, *rows.shape[1:]))
+    stride = torch.empty(shape, device="meta").stride()
+    value = DTensor.from_local(rows.data, shard.ep_mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+    return nn.Parameter(value, requires_grad=rows.requires_grad)
+
+
+def _as_parameter_value(layer: nn.Module, adapter: str, param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A whole saved tensor as the DTensor ``param`` holds (this rank's rows, or the replicated value)."""
+    if isinstance(value, DTensor) or tuple(value.shape) != tuple(param.shape):
+        return value  # already distributed, or a shape load_state_dict reports
+    shard = getattr(layer, "expert_shard", None)
+    if shard is not None:
+        value = owned_rows(shard, layer.ep_selected[adapter], value)
+    return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
+
+
+def delta_mesh(model: nn.Module) -> Any:
+    """The device mesh of every DTensor delta of ``model``: the EP mesh of its expert-parallel experts (it spans the
+    data-parallel ranks: ``ep_size == fsdp_size``), else the data-parallel (FSDP2) mesh. One mesh for all deltas, so
+    that ``torch.nn.utils.clip_grad_norm_`` over them all works (it refuses DTensors on different meshes)."""
+    for module in model.modules():
+        if getattr(module, "_is_expert_parallel", False):
+            shard = expert_shard(module)
+            if shard is not None:
+                return shard.ep_mesh
+    return data_parallel_mesh(model)
+
+
+def distribute_layer(layer: nn.Module, adapter: str, mesh: Any) -> None:
+    """Make ``adapter``'s tensors of ``layer`` DTensor parameters: owned expert rows ``Shard(0)`` on the EP mesh,
+    every other delta ``Replicate()`` on ``mesh`` (:func:`delta_mesh`; broadcast from rank 0 first, so that random
+    initialisations agree); and make ``layer.state_dict()`` hold them whole and plain (a collective for owned rows)
+    and ``layer.load_state_dict`` accept whole tensors."""
+    shard = getattr(layer, "expert_shard", None)
+    for container in layer.adapter_layer_names:
+        if adapter not in getattr(layer, container):
+            continue
+        params = getattr(layer, container)[adapter]
+        for name, param in list(params.items()):
+            if isinstance(param, DTensor):
+                continue
+            if shard is not None:
+                params[name] = _owned_rows_parameter(shard, len(layer.ep_selected[adapter]), param)
+            else:
+                broadcast_replicated([param])
+                params[name] = replicated_parameter(param, mesh)
+    if getattr(layer, "_dtensor_state_dict_hooks", False):
+        return
 
     def whole(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-        for adapter, selected in module.ep_selected.items():
-            for name in getattr(module, container)[adapter]:
-                key = f"{prefix}{container}.{adapter}.{name}"
-                if key in state_dict:
-                    state_dict[key] = gather_rows(module.expert_shard, selected, state_dict[key])
-
-    def owned(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        shard_loaded_rows(module, container, state_dict, prefix)
+        for key, (adapter, _) in _adapter_parameters(module, prefix).items():
+            value = state_dict.get(key)
+            if isinstance(value, DTensor):
+                rows = value.to_local()
+                if shard is not None:
+                    rows = gather_rows(shard, module.ep_selected[adapter], rows)
+                state_dict[key] = rows.detach()
 
     layer.register_state_dict_post_hook(whole)
-    layer.register_load_state_dict_pre_hook(owned)
+    layer.register_load_state_dict_pre_hook(lambda module, state_dict, prefix, *_: distribute_loaded(
+        module, state_dict, prefix))
+    layer._dtensor_state_dict_hooks = True
 
 
-def shard_loaded_rows(layer: nn.Module, container: str, state_dict: dict, prefix: str) -> None:
-    """Replace, in ``state_dict``, whole adapter tensors of ``layer`` (``len(selection)`` rows) by this rank's rows."""
-    for adapter, selected in layer.ep_selected.items():
-        owned = layer.expert_shard.owned(selected)
-        if len(owned) == len(selected):
-            continue
-        for name in getattr(layer, container)[adapter]:
-            key = f"{prefix}{container}.{adapter}.{name}"
-            tensor = state_dict.get(key)
-            if tensor is not None and tensor.dim() and tensor.shape[0] == len(selected):
-                state_dict[key] = owned_rows(layer.expert_shard, selected, tensor)
+def distribute_loaded(layer: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Replace, in ``state_dict``, whole tensors of ``layer``'s DTensor deltas by the DTensors this rank holds."""
+    for key, (adapter, param) in _adapter_parameters(layer, prefix).items():
+        if key in state_dict and isinstance(param, DTensor):
+            state_dict[key] = _as_parameter_value(layer, adapter, param, state_dict[key])
 
 
 # ---------------------------------------------------------------------------------------------------- dense weights

@@ -103,12 +103,12 @@ class ESFTLayer(BaseTunerLayer):
         self._forced_adapters: Optional[list[str]] = None  # set while a mixed-adapter batch runs (mixed_batch.py)
         self._disable_adapters = False
         self.merged_adapters = []
-        # set by ESFTModel on a data-parallel model sharded by transformers (expert_parallel.py)
+        # set by ESFTModel on a data-parallel model sharded by transformers, whose deltas are DTensors
+        # (expert_parallel.py): maps a delta to the plain tensor the forward uses, through its gradient synchronisation
         self.grad_sync: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
-    def _synced(self, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The deltas as the forward uses them: through the gradient synchronisation of a sharded model, if any."""
-        return deltas if self.grad_sync is None else {name: self.grad_sync(d) for name, d in deltas.items()}
+    def _local(self, param: torch.Tensor) -> torch.Tensor:
+        return param if self.grad_sync is None else self.grad_sync(param)
 
     def _base_param(self) -> torch.Tensor:
         return next(self.get_base_layer().parameters())
@@ -137,12 +137,13 @@ class ESFTLayer(BaseTunerLayer):
             self.esft_scaling[adapter_name] = scale_of(rank, rank if alpha is None else alpha)
 
     def delta_of(self, adapter: str) -> dict[str, Any]:
-        """``adapter``'s deltas by parameter name: dense tensors, or :class:`LowRankDelta` factors."""
-        deltas: dict[str, Any] = dict(self.esft_delta[adapter].items())
+        """``adapter``'s deltas by parameter name: dense tensors, or :class:`LowRankDelta` factors (plain tensors:
+        this rank's part of DTensor deltas, through their gradient synchronisation)."""
+        deltas: dict[str, Any] = {name: self._local(delta) for name, delta in self.esft_delta[adapter].items()}
         if adapter in self.esft_lora_A:
             scale = self.esft_scaling[adapter]
             for name, A in self.esft_lora_A[adapter].items():
-                deltas[name] = LowRankDelta(A, self.esft_lora_B[adapter][name], scale)
+                deltas[name] = LowRankDelta(self._local(A), self._local(self.esft_lora_B[adapter][name]), scale)
         return deltas
 
     def _adapters_to_apply(self) -> list[str]:
@@ -221,8 +222,6 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         self.esft_expert_ids: dict[str, list[int]] = {}
         self.expert_shard = shard
         self.ep_selected: dict[str, list[int]] = {}
-        if shard is not None:
-            expert_parallel.attach_state_dict_hooks(self, DELTA_CONTAINER)
         self.update_layer(adapter_name, expert_ids, init_weights, rank, alpha)
 
     @staticmethod
@@ -319,11 +318,10 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
         active = self._adapters_to_apply()
         if not active:
             return self.base_layer(*args, **kwargs)
-        if len(active) == 1 and self.grad_sync is None:  # low-rank factors stay factors: formed where W + delta is
+        if len(active) == 1:  # low-rank factors stay factors: formed where W + delta is
             ids, deltas = self.esft_expert_ids[active[0]], self.delta_of(active[0])
         else:
             ids, deltas = self.combined_deltas(active)
-        deltas = self._synced(deltas)
         if self.expert_shard is not None:
             selected = list(dict.fromkeys(e for name in active for e in self.ep_selected[name]))
             return expert_parallel.compute(
@@ -398,7 +396,7 @@ class ModuleDeltaLayer(nn.Module, ESFTLayer):
         active = self._adapters_to_apply()
         if not active:
             return self.base_layer(*args, **kwargs)
-        return _call_with_deltas(self.get_base_layer(), self._synced(self.combined_deltas(active)), args, kwargs)
+        return _call_with_deltas(self.get_base_layer(), self.combined_deltas(active), args, kwargs)
 
     def _write_base_weights(self, adapter: str, name: str, value: torch.Tensor) -> None:
         expert_parallel.write_full_weight(dict(self.get_base_layer().named_parameters(recurse=False))[name], value)

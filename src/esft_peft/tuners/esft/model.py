@@ -11,7 +11,7 @@ from torch import nn
 
 from . import expert_parallel
 from .config import ESFTConfig
-from .layer import DELTA_CONTAINER, ESFTLayer, ExpertsDeltaLayer, ModuleDeltaLayer
+from .layer import ESFTLayer, ExpertsDeltaLayer, ModuleDeltaLayer
 from ..saved_checks import SavedTensorChecks
 from .mixed_batch import mixed_adapter_batch
 from .quantized import check_quantized_base, dequantized_linear, is_bnb_quantized, quantize_frozen_experts
@@ -89,13 +89,11 @@ class ESFTModel(SavedTensorChecks, BaseTuner):
         finally:
             del self._injecting
             self.__dict__.pop("_four_bit", None)
-        if expert_parallel.data_parallel_size(model) > 1:  # replicated deltas start equal on every rank
-            expert_parallel.broadcast_replicated([
-                delta for module in model.modules()
-                if isinstance(module, ESFTLayer) and adapter_name in module.esft_delta
-                and getattr(module, "expert_shard", None) is None
-                for delta in module.esft_delta[adapter_name].values()
-            ])
+        if expert_parallel.data_parallel_size(model) > 1:  # the deltas become DTensors (expert_parallel.py)
+            mesh = expert_parallel.delta_mesh(model)
+            for module in model.modules():
+                if isinstance(module, ESFTLayer):
+                    expert_parallel.distribute_layer(module, adapter_name, mesh)
 
     def _grad_sync(self, layer: ESFTLayer) -> Any:
         """How ``layer``'s deltas join the backward on a data-parallel model sharded by transformers (None otherwise):
@@ -111,10 +109,10 @@ class ESFTModel(SavedTensorChecks, BaseTuner):
 
     @classmethod
     def _shard_loaded(cls, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
-        """A whole saved adapter loaded onto an expert-parallel model keeps each rank's rows."""
+        """A whole saved adapter loaded onto a data-parallel sharded model: DTensors holding each rank's rows."""
         for name, module in model.named_modules():
-            if isinstance(module, ExpertsDeltaLayer) and module.expert_shard is not None:
-                expert_parallel.shard_loaded_rows(module, DELTA_CONTAINER, state_dict, f"{name}.")
+            if isinstance(module, ESFTLayer):
+                expert_parallel.distribute_loaded(module, state_dict, f"{name}.")
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         if expert_parallel.data_parallel_size(self.model) > 1:  # merges write FSDP2's sharded parameters
