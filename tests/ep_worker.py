@@ -11,9 +11,10 @@ loop (forward, ``loss.backward()``, ``optimizer.step()``) on this rank's slice o
 ``--out/<family>/ep_logits.pt``. ``--score`` also scores the first family's base under EP, ``--errors`` records the
 refusals, ``--pesc llama`` trains PESC on a dense model loaded with ``DistributedConfig(fsdp_size=WORLD_SIZE)``, and
 ``--fsdp qwen3_moe`` runs the ESFT steps above on a model loaded that way (experts FSDP2-sharded, not EP), into
-``--out/fsdp``, and ``--trainer qwen3_moe deepseek_v2`` trains the EP-loaded model with ``transformers.Trainer``
-(gradient accumulation, clipping active) and saves it with ``trainer.save_model`` on every rank, into
-``--out/trainer/<family>``.
+``--out/fsdp``, ``--several deepseek_v2 qwen3_moe`` trains two active adapters together (:func:`several_adapters`)
+into ``--out/several/<family>``, and ``--trainer qwen3_moe deepseek_v2`` trains the EP-loaded model with
+``transformers.Trainer`` (gradient accumulation, clipping active) and saves it with ``trainer.save_model`` on every
+rank, into ``--out/trainer/<family>``.
 ``train``, ``trainer_train``, ``logits`` and ``pesc_model`` are the same code the test runs in one process on the
 whole batch.
 """
@@ -60,6 +61,24 @@ def esft_config(family: str, model) -> ESFTConfig:
         experts={first: [0, 2], second: [6, 1, 5]}, train_shared_experts=family in SHARED,
         train_router=family in ROUTER,
     )
+
+
+SEVERAL_FAMILIES = ("deepseek_v2", "qwen3_moe")
+
+
+def several_adapters(family: str, base):
+    """ESFT adapters ``default`` (:func:`esft_config`) and ``other`` (overlapping experts, random initial deltas drawn
+    from seed 0; the shared experts or the router trained by both) on ``base``, both active and trainable: the forward
+    applies the sum of their deltas."""
+    model = get_peft_model(base, esft_config(family, base))
+    first, second = list(find_moe_layers(base))[:2]
+    torch.manual_seed(0)
+    model.add_adapter("other", ESFTConfig(
+        experts={first: [2, 3], second: [5, 7, 4]}, train_shared_experts=family in SHARED,
+        train_router=family in ROUTER, init_weights=False,
+    ))
+    model.base_model.set_adapter(["default", "other"])
+    return model.train()
 
 
 def train(model, rank: int = 0, world: int = 1, lr: float = LR, grad_norms: Optional[list] = None) -> list[float]:
@@ -165,6 +184,26 @@ def run_family(family: str, models: Path, out: Path, rank: int, world: int, ep: 
         torch.save({"trained": trained, "reloaded": reloaded, "merged": merged}, out / family / "ep_logits.pt")
 
 
+def run_several(family: str, models: Path, out: Path, rank: int, world: int) -> None:
+    """Two active ESFT adapters (:func:`several_adapters`) trained together under EP, saved (``other`` into
+    ``other/``), reloaded onto a fresh EP base, both active again."""
+    out = out / "several" / family
+    model = several_adapters(family, ep_base(models / family, world))
+    grad_norms = []
+    losses = train(model, rank, world, grad_norms=grad_norms)
+    trained = logits(model)
+    model.save_pretrained(out, is_main_process=rank == 0)
+    dist.barrier()
+    loaded = PeftModel.from_pretrained(ep_base(models / family, world), out)
+    loaded.load_adapter(out / "other", adapter_name="other")
+    loaded.base_model.set_adapter(["default", "other"], inference_mode=True)
+    reloaded = logits(loaded)
+    if rank == 0:
+        (out / "losses.json").write_text(json.dumps(losses))
+        (out / "grad_norms.json").write_text(json.dumps(grad_norms))
+        torch.save({"trained": trained, "reloaded": reloaded}, out / "ep_logits.pt")
+
+
 def run_scoring(family: str, models: Path, out: Path, rank: int, world: int) -> None:
     from esft_peft.scoring import score_experts
 
@@ -256,12 +295,15 @@ def main() -> None:
     parser.add_argument("--errors", action="store_true")
     parser.add_argument("--pesc", nargs="*", default=[], help="dense families to train PESC on under FSDP2")
     parser.add_argument("--fsdp", nargs="*", default=[], help="MoE families to train ESFT on under FSDP2 alone")
+    parser.add_argument("--several", nargs="*", default=[], help="MoE families to train two active adapters on")
     parser.add_argument("--trainer", nargs="*", default=[], help="MoE families to train with transformers.Trainer")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     for family in args.families:
         run_family(family, args.models, args.out, rank, world)
+    for family in args.several:
+        run_several(family, args.models, args.out, rank, world)
     if args.score:
         run_scoring(args.families[0], args.models, args.out, rank, world)
     if args.errors:

@@ -2,11 +2,10 @@
 
 One ``torchrun --nproc-per-node 2`` launch (gloo, CPU) of ``tests/ep_worker.py`` trains every family on models loaded
 with ``DistributedConfig(ep_size=2, fsdp_size=2)`` (each rank its half of the global batch), saves, reloads onto a
-fresh EP base, merges, scores, checks the errors, and trains PESC on a dense model loaded with
-``DistributedConfig(fsdp_size=2)``; a second launch runs one family on 4 processes, a third trains two families with
-``transformers.Trainer``. Each result is
-compared here with the same code run in one process on the whole batch. Tolerance (float32): 1e-5 on losses, adapter
-values and logits.
+fresh EP base, merges, scores, checks the errors, trains two active adapters together, and trains PESC on a dense
+model loaded with ``DistributedConfig(fsdp_size=2)``; a second launch runs one family on 4 processes, a third trains
+two families with ``transformers.Trainer``. Each result is compared here with the same code run in one process on the
+whole batch. Tolerance (float32): 1e-5 on losses, adapter values and logits.
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ def models(tmp_path_factory) -> Path:
 def two_ranks(models, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ep2")
     torchrun(2, ["--models", models, "--out", out, "--families", *ep_worker.FAMILIES, "--score", "--errors",
-                 "--pesc", "llama", "--fsdp", "qwen3_moe"])
+                 "--pesc", "llama", "--fsdp", "qwen3_moe", "--several", *ep_worker.SEVERAL_FAMILIES])
     return out
 
 
@@ -103,6 +102,26 @@ def test_ep_training_saving_loading_and_merging_equal_one_process(two_ranks, mod
     base = AutoModelForCausalLM.from_pretrained(models / family, dtype=torch.float32)
     loaded = PeftModel.from_pretrained(base, two_ranks / family)
     torch.testing.assert_close(ep_worker.logits(loaded), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ep_worker.SEVERAL_FAMILIES)
+def test_several_active_adapters_train_together_under_ep_as_in_one_process(two_ranks, models, tmp_path, family):
+    """Two active adapters (overlapping experts, shared experts or router in both; the forward sums their deltas)
+    trained together: each rank's gradients of each adapter's deltas are synchronised on their own."""
+    base = AutoModelForCausalLM.from_pretrained(models / family, dtype=torch.float32)
+    single = ep_worker.several_adapters(family, base)
+    assert {n.split(".")[-2] for n, p in single.named_parameters() if p.requires_grad} >= {"default", "other"}
+    grad_norms = []
+    losses = ep_worker.train(single, grad_norms=grad_norms)
+    single.save_pretrained(tmp_path / "single")
+    got = two_ranks / "several" / family
+    assert json.loads((got / "losses.json").read_text()) == pytest.approx(losses, abs=ATOL)
+    assert json.loads((got / "grad_norms.json").read_text()) == pytest.approx(grad_norms, rel=ATOL)
+    assert_same_adapter(tmp_path / "single", got)
+    assert_same_adapter(tmp_path / "single" / "other", got / "other")
+    expected, ep = ep_worker.logits(single), torch.load(got / "ep_logits.pt")
+    for name in ("trained", "reloaded"):
+        torch.testing.assert_close(ep[name], expected, atol=ATOL, rtol=0, msg=name)
 
 
 def test_ep_scores_equal_one_process(two_ranks, models):

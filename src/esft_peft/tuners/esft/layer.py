@@ -293,7 +293,13 @@ class ExpertsDeltaLayer(nn.Module, ESFTLayer):
                     like = next(deltas[name][param] for name in adapters if param in deltas[name])
                     parts = [torch.zeros(logical_shape(view)[1:], dtype=like.dtype, device=view.device)]
                 rows.append(torch.stack(parts).sum(0) if len(parts) > 1 else parts[0])
-            combined[param] = torch.stack(rows)
+            # Under expert parallelism an adapter may own none of this rank's selected experts: its (empty) deltas
+            # still enter the graph, as an exact zero, so that their gradients exist on every rank and collectives over
+            # the gradients (clip_grad_norm_) match
+            empty = [dense(deltas[name][param]) for name in adapters
+                     if param in deltas[name] and not self.esft_expert_ids[name]]
+            value = torch.stack(rows) if rows else torch.cat(empty)
+            combined[param] = value + sum(d.sum() for d in empty) if rows and empty else value
         return ids, combined
 
     def _base_rows(self, adapter: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
