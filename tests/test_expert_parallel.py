@@ -112,7 +112,7 @@ def test_several_active_adapters_train_together_under_ep_as_in_one_process(two_r
     single = ep_worker.several_adapters(family, base)
     assert {n.split(".")[-2] for n, p in single.named_parameters() if p.requires_grad} >= {"default", "other"}
     grad_norms = []
-    losses = ep_worker.train(single, grad_norms=grad_norms)
+    losses = ep_worker.train(single, lr=ep_worker.SEVERAL_LR, grad_norms=grad_norms)
     single.save_pretrained(tmp_path / "single")
     got = two_ranks / "several" / family
     assert json.loads((got / "losses.json").read_text()) == pytest.approx(losses, abs=ATOL)
