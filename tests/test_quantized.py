@@ -11,7 +11,8 @@ from esft_peft.moe.layouts.base import unwrap
 from esft_peft.tuners.esft.compute import with_delta
 from esft_helpers import batch, delta_params, logits, reload_in_fresh_process, selection, train_steps
 from quantized_helpers import (
-    experts_bytes, first_store, fused_weight_names, load_4bit, load_plain, with_dequantized_experts,
+    experts_bytes, first_store, force_groups, fused_weight_names, load_4bit, load_plain, store_weight,
+    with_dequantized_experts,
 )
 
 FAMILY = "qwen3_moe"
@@ -197,7 +198,7 @@ def test_fp16_compute_dtype_leaves_the_deltas_in_the_experts_dtype():
     assert store.settings.compute_dtype == torch.float16
     assert all(p.dtype == torch.float32 for p in delta_params(model).values())
     assert all(getattr(store, f"kept_{n}").dtype == torch.float32 for n in store.shapes)
-    assert store.dequantized(store.names[0]).dtype == torch.float32
+    assert store.group_rows(store.names[0], 1).dtype == torch.float32
     train_steps(model)
     assert all(torch.isfinite(p).all() for p in delta_params(model).values())
 
@@ -228,37 +229,63 @@ def test_fp8_experts_are_refused():
         get_peft_model(base, ESFTConfig(experts=selection(base)))
 
 
+@pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("shape, kept", [((8, 32, 32), [0, 7]), ((8, 32, 32), [3]), ((5, 3, 7), [1]), ((6, 16, 40), [2, 4])])
-def test_store_dequantizes_like_the_reference(shape, kept):
-    """Whole-block experts are dequantized piece by piece, others at once; both equal a plain-torch dequantization
-    of bitsandbytes' packed values (its CPU kernel misreads tensors whose last dimension is not a multiple of the
-    blocksize, which the store avoids)."""
+def test_store_dequantizes_like_the_reference(monkeypatch, groups, shape, kept):
+    """Each group's rows equal a plain-torch dequantization of bitsandbytes' packed values of the whole tensor, also
+    where an expert's values start or end inside a block (bitsandbytes' CPU kernel misreads tensors whose last
+    dimension is not a multiple of the blocksize, which the store avoids)."""
     import bitsandbytes.functional as bnb
     from esft_peft.tuners.esft.quantized import FourBitSettings, FrozenExperts4bit
     from quantized_helpers import reference_dequantize
 
+    force_groups(monkeypatch, groups)
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     store = FrozenExperts4bit({"w": weight}, kept, FourBitSettings(quant_type="nf4", blocksize=64))
     frozen = [e for e in range(shape[0]) if e not in kept]
+    assert store.groups[0] == kept and sum(store.groups[1:], []) == frozen
+    size = -(-shape[0] // groups)  # about 1/groups of the layer's experts
+    assert len(store.groups) - 1 == -(-len(frozen) // size) and all(len(ids) <= size for ids in store.groups[1:])
     packed, state = bnb.quantize_4bit(weight[frozen].contiguous(), blocksize=64, quant_type="nf4")
     expected = weight.clone()
     expected[frozen] = reference_dequantize(packed, state)
-    assert torch.equal(store.dequantized("w"), expected)
+    for group, ids in enumerate(store.groups):
+        assert torch.equal(store.group_rows("w", group), expected[ids])
     assert torch.equal(store.rows("w", kept[::-1]), weight[kept[::-1]])
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_store_follows_its_buffers_when_moved(double_quant):
+def test_store_follows_its_buffers_when_moved(monkeypatch, double_quant):
     """``.to(device)`` replaces the buffers; the quant state is rebuilt from them (here: moved by a copy)."""
     from esft_peft.tuners.esft.quantized import FourBitSettings, FrozenExperts4bit
 
+    force_groups(monkeypatch, 3)
     weight = torch.randn(8, 64, 32, generator=torch.Generator().manual_seed(1))
     store = FrozenExperts4bit({"w": weight}, [2], FourBitSettings(double_quant=double_quant))
-    before = store.dequantized("w")
+    before = store_weight(store, "w")
     store._apply(lambda t: t.clone())
     assert store._states["w"].absmax is not store.absmax_w
-    assert torch.equal(store.dequantized("w"), before)
+    assert torch.equal(store_weight(store, "w"), before)
     assert store._states["w"].absmax is store.absmax_w
+
+
+def test_double_quant_groups_equal_bitsandbytes_whole_dequantization(monkeypatch):
+    """With double quantization a group's block scales are dequantized from only the nested blocks holding them (a
+    group's scales start inside a nested block here); the rows equal bitsandbytes' dequantization of the whole."""
+    import bitsandbytes.functional as bnb
+    from esft_peft.tuners.esft.quantized import FourBitSettings, FrozenExperts4bit
+
+    force_groups(monkeypatch, 5)
+    weight = torch.randn(10, 96, 64, generator=torch.Generator().manual_seed(2))  # 96 scales per expert
+    store = FrozenExperts4bit({"w": weight}, [4], FourBitSettings(double_quant=True))
+    frozen = [e for e in range(10) if e != 4]
+    packed, state = bnb.quantize_4bit(weight[frozen].contiguous(), blocksize=64, compress_statistics=True,
+                                      quant_type="nf4")
+    whole = bnb.dequantize_4bit(packed, state)
+    assert len(store.groups) > 3
+    for group, ids in enumerate(store.groups[1:], start=1):
+        positions = [frozen.index(e) for e in ids]
+        assert torch.equal(store.group_rows("w", group), whole[positions])
 
 
 def test_mixed_adapter_batch_on_the_4bit_base():
