@@ -174,6 +174,26 @@ def test_a_training_step_holds_one_group_of_dequantized_experts_at_a_time(monkey
     assert tracker.peak == per_group * per_expert, (tracker.peak, per_expert)
 
 
+def test_weights_formed_for_backward_are_freed_without_the_garbage_collector(monkeypatch):
+    """What backward forms again (dequantized groups, selected ``W + delta``) is freed once the call's backward has
+    run, by reference counting: no reference cycle keeps it until Python's cyclic garbage collector runs."""
+    import gc
+
+    from esft_peft.tuners.esft.compute.fused import FormedWeights
+
+    force_groups(monkeypatch, 4)
+    model = adapted_4bit()
+    model.train()
+    ids = batch(5)
+    gc.collect()
+    gc.disable()
+    try:
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert not [o for o in gc.get_objects() if isinstance(o, FormedWeights)]
+    finally:
+        gc.enable()
+
+
 def test_groups_without_pairs_are_not_dequantized(monkeypatch):
     """A call whose pairs all reach one group's experts dequantizes that group only (here a plain call of the
     experts module, as with adapters disabled), and computes what the dequantized experts compute."""
