@@ -91,10 +91,12 @@ def test_gradients_equal_the_dequantized_reference(grouping, checkpointing):
         torch.testing.assert_close(grad, expected[name], atol=GRAD_ATOL, rtol=0)
 
 
-def test_dequantized_experts_are_not_kept_for_backward():
+def test_dequantized_experts_are_not_kept_for_backward(grouping):
     model = adapted_4bit()
     model.train()
-    whole = {tuple(s) for s in first_store(model).shapes.values()}
+    store = first_store(model)
+    counts = {store.num_experts} | {len(ids) for ids in store.groups}  # a whole layer, a group, the selected experts
+    whole = {(n, *s[1:]) for s in store.shapes.values() for n in counts}
     seen: list[tuple] = []
 
     def pack(tensor):
