@@ -11,10 +11,11 @@ their per-expert weight tensors by a :class:`FrozenExperts4bit` store:
 
 The module keeps a zero-byte placeholder per replaced weight whose ``esft_shape`` is the whole shape (discovery and
 adapter records read it through :func:`~esft_peft.moe.partitioned.logical_shape`). The compute
-(:mod:`esft_peft.tuners.esft.compute.fused`) calls the module once per group of experts (:attr:`FrozenExperts4bit.groups`:
-the kept experts, then the unselected ones in runs of about 1/8 of the layer), each call with only its group's rows:
-the kept rows, a run dequantized for that call (formed again in backward), or the kept rows plus deltas (selected
-calls). At most one group's dequantized weights are alive at a time, never the whole layer's.
+(:mod:`esft_peft.tuners.esft.compute.fused`) calls the module once per group of experts that receives tokens
+(:attr:`FrozenExperts4bit.groups`: the kept experts, then the unselected ones in runs of about 1/8 of the layer),
+each call with only its group's rows: the kept rows, a run dequantized for that call (formed again in backward), or
+the kept rows plus deltas (selected calls). At most one group's dequantized weights are alive at a time, never the
+whole layer's.
 
 Decisions (docs/training.md, "Quantized bases"): the kept experts are the first adapter's selection; a later adapter
 may select only among them. ``merge_and_unload`` on the 4-bit base is refused (merge on the unquantized base).
