@@ -100,3 +100,25 @@ def experts_bytes(experts: nn.Module) -> int:
 
 def first_store(model: nn.Module) -> Optional[nn.Module]:
     return next((m for m in model.modules() if type(m).__name__ == "FrozenExperts4bit"), None)
+
+
+def force_groups(monkeypatch, groups: int) -> None:
+    """Stores created from now on compute a layer's frozen experts in about ``groups`` groups whatever their size (the
+    tiny models' layers are otherwise small enough for one call)."""
+    from esft_peft.tuners.esft import quantized
+
+    monkeypatch.setattr(quantized, "FROZEN_GROUPS", groups)
+    monkeypatch.setattr(quantized, "MIN_GROUP_BYTES", 0)
+
+
+def store_weight(store, name: str) -> torch.Tensor:
+    """The whole ``(num_experts, ...)`` weight a 4-bit store stands for, put together from its groups' rows."""
+    whole = None
+    for group, ids in enumerate(store.groups):
+        if not ids:
+            continue
+        rows = store.group_rows(name, group)
+        if whole is None:
+            whole = rows.new_empty(store.shapes[name])
+        whole[torch.tensor(ids)] = rows
+    return whole

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from esft_peft import ESFTConfig, find_moe_layers
 from esft_peft.moe.layouts.base import unwrap
 from esft_peft.tuners.esft.compute import with_delta
 from esft_helpers import batch, delta_params, logits, reload_in_fresh_process, selection, train_steps
 from quantized_helpers import (
-    experts_bytes, first_store, fused_weight_names, load_4bit, load_plain, with_dequantized_experts,
+    experts_bytes, first_store, force_groups, fused_weight_names, load_4bit, load_plain, store_weight,
+    with_dequantized_experts,
 )
 
 FAMILY = "qwen3_moe"
@@ -31,9 +37,18 @@ def reference_model(family: str = FAMILY, **quant):
     return get_peft_model(base, ESFTConfig(experts=chosen, quantize_frozen_experts=False))
 
 
-def test_zero_adapter_equals_the_dequantized_base():
+@pytest.fixture(params=["one call", "groups"])
+def grouping(request, monkeypatch) -> str:
+    """The tiny layers in one frozen call (their own size rule), or in groups of two experts (6 frozen: 3 groups)."""
+    if request.param == "groups":
+        force_groups(monkeypatch, 4)
+    return request.param
+
+
+def test_zero_adapter_equals_the_dequantized_base(grouping):
     model, reference = adapted_4bit(), reference_model()
     assert first_store(model) is not None and first_store(reference) is None
+    assert len(first_store(model).groups) == (2 if grouping == "one call" else 4)
     torch.testing.assert_close(logits(model), logits(reference), atol=1e-6, rtol=0)
     with model.disable_adapter():
         torch.testing.assert_close(logits(model), logits(reference), atol=1e-6, rtol=0)
@@ -67,7 +82,7 @@ def _gradients(model, checkpointing: bool = False) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_gradients_equal_the_dequantized_reference(checkpointing):
+def test_gradients_equal_the_dequantized_reference(grouping, checkpointing):
     grads = _gradients(adapted_4bit(), checkpointing)
     expected = _gradients(reference_model(), checkpointing)
     assert grads.keys() == expected.keys() and grads
@@ -76,10 +91,12 @@ def test_gradients_equal_the_dequantized_reference(checkpointing):
         torch.testing.assert_close(grad, expected[name], atol=GRAD_ATOL, rtol=0)
 
 
-def test_dequantized_experts_are_not_kept_for_backward():
+def test_dequantized_experts_are_not_kept_for_backward(grouping):
     model = adapted_4bit()
     model.train()
-    whole = {tuple(s) for s in first_store(model).shapes.values()}
+    store = first_store(model)
+    counts = {store.num_experts} | {len(ids) for ids in store.groups}  # a whole layer, a group, the selected experts
+    whole = {(n, *s[1:]) for s in store.shapes.values() for n in counts}
     seen: list[tuple] = []
 
     def pack(tensor):
@@ -92,6 +109,144 @@ def test_dequantized_experts_are_not_kept_for_backward():
     assert seen and not whole & set(seen)
     loss.backward()
     assert all(p.grad is not None for p in delta_params(model).values())
+
+
+class FormedBytes(TorchDispatchMode):
+    """Bytes of the tensor storages allocated while a 4-bit store forms rows (inside :meth:`forming`) that are still
+    alive, checked after every op of the step; ``peak`` is their maximum. The storages of ``model``'s tensors (the
+    packed 4-bit data, the kept rows, seen again through views) are not counted."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        tensors = list(model.parameters()) + list(model.buffers())
+        self.held = {StorageWeakRef(t.untyped_storage()).cdata for t in tensors}
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.inside = False
+        self.peak = 0
+        self.calls = {"forward": 0, "backward": 0}
+
+    @contextmanager
+    def forming(self):
+        self.calls["forward" if torch.is_grad_enabled() else "backward"] += 1  # backward forms under no_grad
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.live = {key: entry for key, entry in self.live.items() if not entry[0].expired()}
+        if self.inside:
+            for tensor in tree_flatten(out)[0]:
+                if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().nbytes():
+                    ref = StorageWeakRef(tensor.untyped_storage())
+                    if ref.cdata not in self.held:
+                        self.live.setdefault(ref.cdata, (ref, tensor.untyped_storage().nbytes()))
+        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+        return out
+
+
+@pytest.mark.parametrize("groups, per_group", [(4, 2), (1, 6)])
+def test_a_training_step_holds_one_group_of_dequantized_experts_at_a_time(monkeypatch, groups, per_group):
+    """During a training step (forward, and backward, which dequantizes again) the dequantized expert weights alive
+    at once are one group's (2 of a layer's 6 frozen experts), not the layer's: every allocation made while the store
+    forms rows is tracked op by op until it is freed. With one group (``groups=1``, no grouping) the same measurement
+    sees the whole layer's 6 frozen experts."""
+    from esft_peft.tuners.esft.quantized import FrozenExperts4bit
+
+    force_groups(monkeypatch, groups)
+    model = adapted_4bit()
+    model.train()
+    store = first_store(model)
+    assert [len(ids) for ids in store.groups[1:]] == [per_group] * (6 // per_group)
+    per_expert = sum(torch.Size(shape[1:]).numel() for shape in store.shapes.values()) * 4  # fp32, every weight
+    tracker = FormedBytes(model)
+    group_rows = FrozenExperts4bit.group_rows
+
+    def tracked(self, name, group):
+        with tracker.forming():
+            return group_rows(self, name, group)
+
+    monkeypatch.setattr(FrozenExperts4bit, "group_rows", tracked)
+    ids = batch(5)
+    with tracker:
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert tracker.calls["forward"] and tracker.calls["backward"]
+    assert tracker.peak == per_group * per_expert, (tracker.peak, per_expert)
+
+
+def test_weights_formed_for_backward_are_freed_without_the_garbage_collector(monkeypatch):
+    """What backward forms again (dequantized groups, selected ``W + delta``) is freed once the call's backward has
+    run, by reference counting: no reference cycle keeps it until Python's cyclic garbage collector runs."""
+    import gc
+
+    from esft_peft.tuners.esft.compute.fused import FormedWeights
+
+    force_groups(monkeypatch, 4)
+    model = adapted_4bit()
+    model.train()
+    ids = batch(5)
+    gc.collect()
+    gc.disable()
+    try:
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert not [o for o in gc.get_objects() if isinstance(o, FormedWeights)]
+    finally:
+        gc.enable()
+
+
+def test_groups_without_pairs_are_not_dequantized(monkeypatch):
+    """A call whose pairs all reach one group's experts dequantizes that group only (here a plain call of the
+    experts module, as with adapters disabled), and computes what the dequantized experts compute."""
+    from esft_peft.tuners.esft.quantized import FrozenExperts4bit, frozen_store
+
+    force_groups(monkeypatch, 4)
+    model, reference = adapted_4bit(), reference_model()
+    name, experts = next((n, m) for n, m in model.named_modules() if frozen_store(m) is not None)
+    store = frozen_store(experts)
+    formed: list[int] = []
+    group_rows = FrozenExperts4bit.group_rows
+    monkeypatch.setattr(FrozenExperts4bit, "group_rows", lambda self, n, g: formed.append(g) or group_rows(self, n, g))
+    hidden = torch.randn(6, 32, generator=torch.Generator().manual_seed(3))
+    routed = torch.tensor(store.groups[2]).repeat(6, 1)  # both slots of every token to the experts of group 2
+    weights = torch.rand(6, 2, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = experts(hidden, routed, weights)
+        expected = reference.get_submodule(name)(hidden, routed, weights)
+    assert set(formed) == {2}
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
+def test_groups_run_through_the_configured_experts_implementation(monkeypatch, implementation):
+    """Every group's call is a call of the experts module (hooks included) through the implementation set with
+    ``set_experts_implementation``, with that group's experts only; forward and gradients equal the dequantized
+    reference's under each implementation."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    force_groups(monkeypatch, 3)  # groups of 3 of the 6 frozen experts; the selected call has 2
+    dispatched: list[int] = []
+    if implementation != "eager":
+        function = ALL_EXPERTS_FUNCTIONS[implementation]
+        monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS, implementation,
+                            lambda self, *a, **kw: dispatched.append(self.num_experts) or function(self, *a, **kw))
+    model, reference = adapted_4bit(), reference_model()
+    for each in (model, reference):
+        each.get_base_model().set_experts_implementation(implementation)
+    called: list[int] = []
+    for module in model.modules():
+        if type(module).__name__ == "FrozenExperts4bit":
+            continue
+        if any(type(child).__name__ == "FrozenExperts4bit" for child in module.children()):
+            module.register_forward_pre_hook(lambda module, args: called.append(module.num_experts))
+    out = logits(model)
+    assert set(called) == {2, 3}
+    assert implementation == "eager" or sorted(dispatched) == sorted(called)
+    torch.testing.assert_close(out, logits(reference), atol=1e-6, rtol=0)
+    grads, expected = _gradients(model), _gradients(reference)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], atol=GRAD_ATOL, rtol=0)
 
 
 def test_training_changes_only_the_selected_experts():
@@ -147,7 +302,7 @@ def test_merge_on_the_4bit_base_is_refused():
     torch.testing.assert_close(logits(model), before, atol=0, rtol=0)
 
 
-def test_unload_leaves_a_working_4bit_model():
+def test_unload_leaves_a_working_4bit_model(grouping):
     model, reference = adapted_4bit(), reference_model()
     expected = logits(reference)
     base = model.unload()
@@ -176,7 +331,7 @@ def test_switched_off_keeps_the_experts_as_loaded():
     assert torch.equal(logits(model), logits(base))
 
 
-def test_double_quant_and_fp4_follow_the_base_settings():
+def test_double_quant_and_fp4_follow_the_base_settings(grouping):
     base = load_4bit(FAMILY, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="fp4")
     model = get_peft_model(base, ESFTConfig(experts=selection(base)))
     store = first_store(model)
@@ -197,7 +352,7 @@ def test_fp16_compute_dtype_leaves_the_deltas_in_the_experts_dtype():
     assert store.settings.compute_dtype == torch.float16
     assert all(p.dtype == torch.float32 for p in delta_params(model).values())
     assert all(getattr(store, f"kept_{n}").dtype == torch.float32 for n in store.shapes)
-    assert store.dequantized(store.names[0]).dtype == torch.float32
+    assert store.group_rows(store.names[0], 1).dtype == torch.float32
     train_steps(model)
     assert all(torch.isfinite(p).all() for p in delta_params(model).values())
 
@@ -228,40 +383,78 @@ def test_fp8_experts_are_refused():
         get_peft_model(base, ESFTConfig(experts=selection(base)))
 
 
+@pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("shape, kept", [((8, 32, 32), [0, 7]), ((8, 32, 32), [3]), ((5, 3, 7), [1]), ((6, 16, 40), [2, 4])])
-def test_store_dequantizes_like_the_reference(shape, kept):
-    """Whole-block experts are dequantized piece by piece, others at once; both equal a plain-torch dequantization
-    of bitsandbytes' packed values (its CPU kernel misreads tensors whose last dimension is not a multiple of the
-    blocksize, which the store avoids)."""
+def test_store_dequantizes_like_the_reference(monkeypatch, groups, shape, kept):
+    """Each group's rows equal a plain-torch dequantization of bitsandbytes' packed values of the whole tensor, also
+    where an expert's values start or end inside a block (bitsandbytes' CPU kernel misreads tensors whose last
+    dimension is not a multiple of the blocksize, which the store avoids)."""
     import bitsandbytes.functional as bnb
     from esft_peft.tuners.esft.quantized import FourBitSettings, FrozenExperts4bit
     from quantized_helpers import reference_dequantize
 
+    force_groups(monkeypatch, groups)
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     store = FrozenExperts4bit({"w": weight}, kept, FourBitSettings(quant_type="nf4", blocksize=64))
     frozen = [e for e in range(shape[0]) if e not in kept]
+    assert store.groups[0] == kept and sum(store.groups[1:], []) == frozen
+    size = -(-shape[0] // groups)  # about 1/groups of the layer's experts
+    assert len(store.groups) - 1 == -(-len(frozen) // size) and all(len(ids) <= size for ids in store.groups[1:])
     packed, state = bnb.quantize_4bit(weight[frozen].contiguous(), blocksize=64, quant_type="nf4")
     expected = weight.clone()
     expected[frozen] = reference_dequantize(packed, state)
-    assert torch.equal(store.dequantized("w"), expected)
+    for group, ids in enumerate(store.groups):
+        assert torch.equal(store.group_rows("w", group), expected[ids])
     assert torch.equal(store.rows("w", kept[::-1]), weight[kept[::-1]])
 
 
+def test_group_size_rule():
+    """About 1/8 of a layer's experts per group, but at least 1 MiB of weights per group: DeepSeek-V2-Lite's layers
+    (64 experts of 17 MB in bf16) in 8 groups of 8, Mixtral's (8 experts of 352 MB) one expert per group, a layer of
+    small experts (this file's tiny models) in one call."""
+    from esft_peft.tuners.esft.quantized import _group_size
+
+    assert _group_size(64, 3 * 2048 * 1408 * 2) == 8
+    assert _group_size(8, 3 * 4096 * 14336 * 2) == 1
+    assert _group_size(8, 3 * 32 * 16 * 4) >= 8
+    assert _group_size(64, 3 * 256 * 128 * 2) == 8  # benchmarks/quantized_memory.py's default shape
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_store_follows_its_buffers_when_moved(double_quant):
+def test_store_follows_its_buffers_when_moved(monkeypatch, double_quant):
     """``.to(device)`` replaces the buffers; the quant state is rebuilt from them (here: moved by a copy)."""
     from esft_peft.tuners.esft.quantized import FourBitSettings, FrozenExperts4bit
 
+    force_groups(monkeypatch, 3)
     weight = torch.randn(8, 64, 32, generator=torch.Generator().manual_seed(1))
     store = FrozenExperts4bit({"w": weight}, [2], FourBitSettings(double_quant=double_quant))
-    before = store.dequantized("w")
+    before = store_weight(store, "w")
     store._apply(lambda t: t.clone())
     assert store._states["w"].absmax is not store.absmax_w
-    assert torch.equal(store.dequantized("w"), before)
+    assert torch.equal(store_weight(store, "w"), before)
     assert store._states["w"].absmax is store.absmax_w
 
 
-def test_mixed_adapter_batch_on_the_4bit_base():
+def test_double_quant_groups_equal_bitsandbytes_whole_dequantization(monkeypatch):
+    """With double quantization a group's block scales are dequantized from only the nested blocks holding them (a
+    group's scales start inside a nested block here); the rows equal bitsandbytes' dequantization of the whole."""
+    import bitsandbytes.functional as bnb
+    from esft_peft.tuners.esft.quantized import FourBitSettings, FrozenExperts4bit
+
+    force_groups(monkeypatch, 5)
+    weight = torch.randn(10, 96, 64, generator=torch.Generator().manual_seed(2))  # 96 scales per expert
+    store = FrozenExperts4bit({"w": weight}, [4], FourBitSettings(double_quant=True))
+    frozen = [e for e in range(10) if e != 4]
+    packed, state = bnb.quantize_4bit(weight[frozen].contiguous(), blocksize=64, compress_statistics=True,
+                                      quant_type="nf4")
+    whole = bnb.dequantize_4bit(packed, state)
+    assert len(store.groups) > 3
+    for group, ids in enumerate(store.groups[1:], start=1):
+        positions = [frozen.index(e) for e in ids]
+        assert torch.equal(store.group_rows("w", group), whole[positions])
+
+
+def test_mixed_adapter_batch_on_the_4bit_base(grouping):
     model = adapted_4bit(init_weights=False)
     key, ids = next(iter(model.peft_config["default"].experts.items()))
     model.add_adapter("other", ESFTConfig(experts={key: ids[::-1]}, init_weights=False))
@@ -287,7 +480,7 @@ def _factor_gradients(model) -> dict[str, torch.Tensor]:
     return {name: param.grad for name, param in model.named_parameters() if ".esft_lora_" in name}
 
 
-def test_low_rank_deltas_on_the_4bit_base_equal_the_dequantized_reference():
+def test_low_rank_deltas_on_the_4bit_base_equal_the_dequantized_reference(grouping):
     """Low-rank deltas (delta_rank) train on the kept original rows exactly as on the dequantized base."""
     base = load_4bit(FAMILY)
     torch.manual_seed(0)  # the same random factors in both models

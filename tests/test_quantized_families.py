@@ -10,7 +10,7 @@ from peft import get_peft_model
 
 from esft_peft import ESFTConfig, find_moe_layers
 from esft_helpers import batch, delta_params, logits, selection
-from quantized_helpers import first_store, load_4bit, reference_dequantize, with_dequantized_experts
+from quantized_helpers import first_store, force_groups, load_4bit, reference_dequantize, with_dequantized_experts
 from tiny_families import FAMILIES
 
 FUSED = [f for f in FAMILIES if f not in ("modulelist", "llama4_text", "jetmoe", "dbrx")]
@@ -25,16 +25,38 @@ def _backward(model) -> None:
     assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
+def _gradients(model, checkpointing: bool) -> dict[str, torch.Tensor]:
+    model.train()
+    if checkpointing:
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = batch(7)
+    torch.manual_seed(0)  # phimoe's router draws jitter in training mode: the same draws for both models
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {name: param.grad for name, param in delta_params(model).items()}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("family", FUSED)
-def test_fused_family_on_a_4bit_base(family):
+def test_fused_family_on_a_4bit_base(monkeypatch, family, checkpointing):
+    """A zero adapter on the 4-bit base computes, forward and gradients, what an adapter on the base with each
+    unselected expert replaced by its bitsandbytes dequantization computes, with the frozen experts computed in
+    groups of two (one call each, dequantized for that call and again in backward)."""
+    force_groups(monkeypatch, 4)
     base = load_4bit(family)
     chosen = selection(base)
     model = get_peft_model(base, ESFTConfig(experts=chosen))
     stores = [m for m in model.modules() if type(m).__name__ == "FrozenExperts4bit"]
-    assert len(stores) == len(chosen)
+    assert len(stores) == len(chosen) and all(len(store.groups) > 2 for store in stores)
     reference = with_dequantized_experts(load_4bit(family), chosen)
-    torch.testing.assert_close(logits(model), logits(reference), atol=ATOL, rtol=0)
-    _backward(model)
+    expected = logits(reference)
+    torch.testing.assert_close(logits(model), expected, atol=ATOL, rtol=0)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model), expected, atol=ATOL, rtol=0)
+    adapted = get_peft_model(reference, ESFTConfig(experts=chosen, quantize_frozen_experts=False))
+    grads, expected_grads = _gradients(model, checkpointing), _gradients(adapted, checkpointing)
+    assert grads.keys() == expected_grads.keys() and any(g.abs().sum() > 0 for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=ATOL, rtol=0)
 
 
 def test_modulelist_selected_experts_train_on_their_dequantized_weights():

@@ -11,8 +11,11 @@ their per-expert weight tensors by a :class:`FrozenExperts4bit` store:
 
 The module keeps a zero-byte placeholder per replaced weight whose ``esft_shape`` is the whole shape (discovery and
 adapter records read it through :func:`~esft_peft.moe.partitioned.logical_shape`). The compute
-(:mod:`esft_peft.tuners.esft.compute.fused`) shadows the placeholders, during each call, with the dequantized
-weights (frozen calls) or the kept rows plus deltas (selected calls); neither is kept for backward.
+(:mod:`esft_peft.tuners.esft.compute.fused`) calls the module once per group of experts that receives tokens
+(:attr:`FrozenExperts4bit.groups`: the kept experts, then the unselected ones in runs of about 1/8 of the layer),
+each call with only its group's rows: the kept rows, a run dequantized for that call (formed again in backward), or
+the kept rows plus deltas (selected calls). At most one group's dequantized weights are alive at a time, never the
+whole layer's.
 
 Decisions (docs/training.md, "Quantized bases"): the kept experts are the first adapter's selection; a later adapter
 may select only among them. ``merge_and_unload`` on the 4-bit base is refused (merge on the unquantized base).
@@ -36,7 +39,11 @@ logger = logging.getLogger(__name__)
 
 STORE_NAME = "frozen_4bit"  # the store's name under the experts module (no "esft_": it is not adapter state)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DEQUANTIZE_PIECES = 8  # a layer's frozen experts are dequantized in about this many pieces (bounds the transient copy)
+# A layer's unselected experts are computed in groups of consecutive experts, each dequantized only for its own call:
+# about 1/FROZEN_GROUPS of the layer's experts per group (the bound on the transient bf16 copy), but at least
+# MIN_GROUP_BYTES of dequantized weights per group (a small layer is computed in one call).
+FROZEN_GROUPS = 8
+MIN_GROUP_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -110,7 +117,16 @@ class FrozenExperts4bit(nn.Module):
         kept = set(kept_ids)
         self.frozen_ids = [e for e in range(self.num_experts) if e not in kept]
         self.shapes = {name: tuple(w.shape) for name, w in weights.items()}
-        self.selected_call = False  # set while the selected experts' call runs (compute/fused.py)
+        self.shadowed_call = False  # set while a call with shadowed weights runs (compute/fused.py)
+        per_expert = sum(torch.Size(w.shape[1:]).numel() * w.element_size() for w in weights.values())
+        self.spans = _spans(len(self.frozen_ids), _group_size(self.num_experts, per_expert))
+        # group 0: the kept experts (their exact rows); group i >= 1: the frozen experts of spans[i - 1]
+        self.groups = [self.kept_ids] + [self.frozen_ids[p : p + n] for p, n in self.spans]
+        group_of, key_of = [0] * self.num_experts, [0] * self.num_experts
+        for group, ids in enumerate(self.groups):
+            for key, expert in enumerate(ids):
+                group_of[expert], key_of[expert] = group, key
+        self.group_of, self.key_of = tuple(group_of), tuple(key_of)  # expert -> its group, its row in the group
         self._states: dict[str, Any] = {}
         for name, weight in weights.items():
             kept_rows = weight.detach().index_select(0, _index(self.kept_ids, weight.device))
@@ -155,38 +171,36 @@ class FrozenExperts4bit(nn.Module):
         self._states[name] = state
         return state
 
-    def dequantized(self, name: str) -> torch.Tensor:
-        """The whole ``(num_experts, ...)`` tensor: each unselected expert as bitsandbytes dequantizes it, each kept
-        expert's original rows."""
+    def group_rows(self, name: str, group: int) -> torch.Tensor:
+        """The ``(len(groups[group]), ...)`` rows of weight ``name`` for the experts of ``group``: the kept experts'
+        original rows (group 0, no copy), or the unselected experts of a span as bitsandbytes dequantizes them, formed
+        for this call (the transient copy is one span, never the whole layer)."""
+        if group == 0:
+            return getattr(self, f"kept_{name}")
+        position, count = self.spans[group - 1]
+        return self._frozen_rows(name, position, count)
+
+    def _frozen_rows(self, name: str, position: int, count: int) -> torch.Tensor:
+        """Frozen experts ``frozen_ids[position : position + count]``, dequantized: the blocks holding their values,
+        with the same kernel and block scales as dequantizing the whole tensor (an expert's values may start or end
+        inside a block: that block is dequantized and cut)."""
         import bitsandbytes.functional as bnb
 
-        kept = getattr(self, f"kept_{name}")
-        if not self.frozen_ids:
-            return kept
-        whole = torch.empty(self.shapes[name], dtype=kept.dtype, device=kept.device)
-        whole.index_copy_(0, _index(self.kept_ids, kept.device), kept)
         packed, state = getattr(self, f"packed_{name}"), self._state(name)
-        per_expert = whole[0].numel()
-        if per_expert % state.blocksize or packed.dtype != torch.uint8:  # blocks straddle experts: all at once
-            frozen = _dequantize(packed, state).view(len(self.frozen_ids), *whole.shape[1:])
-            return whole.index_copy_(0, _index(self.frozen_ids, kept.device), frozen)
-        # Each expert owns whole blocks: dequantize a few consecutive frozen experts at a time into their rows (the
-        # transient copy is one piece, not all frozen experts), with the same kernel and block scales as one call.
-        absmax = state.absmax
-        if state.nested:
-            absmax = (bnb.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
-        blocks = per_expert // state.blocksize
-        for position, first, count in _runs(self.frozen_ids, max(1, self.num_experts // DEQUANTIZE_PIECES)):
-            piece = bnb.QuantState(
-                absmax=absmax[position * blocks : (position + count) * blocks], shape=torch.Size((count * per_expert,)),
-                code=state.code, blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype,
-            )
-            bytes_ = slice(position * per_expert // 2, (position + count) * per_expert // 2)
-            whole[first : first + count] = _dequantize(packed[bytes_], piece).view(count, *whole.shape[1:])
-        return whole
+        shape = self.shapes[name][1:]
+        per_expert = torch.Size(shape).numel()
+        begin, end = position * per_expert, (position + count) * per_expert
+        first, last = begin // state.blocksize, -(-end // state.blocksize)  # the blocks holding those values
+        start, stop = first * state.blocksize, min(last * state.blocksize, state.shape.numel())
+        piece = bnb.QuantState(
+            absmax=_block_scales(state, first, last), shape=torch.Size((stop - start,)), code=state.code,
+            blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype,
+        )
+        data = packed.reshape(-1).view(torch.uint8)[start // 2 : (stop + 1) // 2]  # two values per byte
+        return _dequantize(data, piece)[begin - start : end - start].view(count, *shape)
 
     def rows(self, name: str, ids: list[int]) -> torch.Tensor:
-        """The original rows of kept experts ``ids`` (in that order)."""
+        """The original rows of kept experts ``ids`` (in that order; a view when they are consecutive kept rows)."""
         missing = [e for e in ids if e not in self.kept_ids]
         if missing:
             raise ValueError(f"Experts {missing} are held in 4-bit here; only experts {self.kept_ids} are kept exact.")
@@ -203,7 +217,7 @@ class FrozenExperts4bit(nn.Module):
     def extra_repr(self) -> str:
         s = self.settings
         return (f"{s.quant_type}, blocksize={s.blocksize}, double_quant={s.double_quant}, "
-                f"kept={self.kept_ids}, frozen={len(self.frozen_ids)} experts")
+                f"kept={self.kept_ids}, frozen={len(self.frozen_ids)} experts in {len(self.spans)} groups")
 
 
 def _dequantize(packed: torch.Tensor, state: Any) -> torch.Tensor:
@@ -220,15 +234,35 @@ def _dequantize(packed: torch.Tensor, state: Any) -> torch.Tensor:
     return bnb.dequantize_4bit(packed, flat).view(-1)
 
 
-def _runs(ids: list[int], longest: int) -> list[tuple[int, int, int]]:
-    """(position in ``ids``, first id, length) of runs of consecutive ids, at most ``longest`` long."""
-    runs: list[tuple[int, int, int]] = []
-    for position, expert in enumerate(ids):
-        if runs and runs[-1][1] + runs[-1][2] == expert and runs[-1][2] < longest:
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((position, expert, 1))
-    return runs
+def _block_scales(state: Any, first: int, last: int) -> torch.Tensor:
+    """The fp32 scales of blocks ``first..last-1`` (with double quant: dequantized from the 8-bit ones, only the
+    nested blocks holding them, as bitsandbytes dequantizes the whole set)."""
+    import bitsandbytes.functional as bnb
+
+    if not state.nested:
+        return state.absmax[first:last]
+    size = state.state2.blocksize
+    low, high = first // size, -(-last // size)
+    nested = bnb.QuantState(absmax=state.state2.absmax[low:high], code=state.state2.code, blocksize=size,
+                            dtype=state.state2.dtype)
+    scales = bnb.dequantize_blockwise(state.absmax[low * size : high * size], nested) + state.offset
+    return scales.float()[first - low * size : last - low * size]
+
+
+def _group_size(num_experts: int, per_expert_bytes: int) -> int:
+    """Experts per group: about 1/FROZEN_GROUPS of the layer, at least MIN_GROUP_BYTES of weights."""
+    return max(1, -(-num_experts // FROZEN_GROUPS), -(-MIN_GROUP_BYTES // max(1, per_expert_bytes)))
+
+
+def _spans(count: int, size: int) -> list[tuple[int, int]]:
+    """``count`` positions cut into the fewest runs of at most ``size``, as even as possible: (first, length)."""
+    runs = -(-count // size) if count else 0
+    spans, first = [], 0
+    for run in range(runs):
+        length = count // runs + (run < count % runs)
+        spans.append((first, length))
+        first += length
+    return spans
 
 
 def _index(ids: list[int], device: torch.device) -> torch.Tensor:

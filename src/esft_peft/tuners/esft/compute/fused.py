@@ -2,21 +2,24 @@
 
 ESFT computes these experts through the module itself, so through transformers' experts interface
 (``ALL_EXPERTS_FUNCTIONS``, whichever implementation ``set_experts_implementation`` chose: eager, batched_mm,
-grouped_mm or one registered later). The (token, slot) pairs are split in two calls of the module, each with one
-slot per row (``top_k = 1``, routing weight 1), so the implementation returns one output per pair:
+grouped_mm or one registered later). The (token, slot) pairs are split in calls of the module, each with one slot
+per row (``top_k = 1``, routing weight 1), so the implementation returns one output per pair:
 
-- the pairs routed to frozen experts, with the module as it is;
 - the pairs routed to selected experts, with the module's per-expert tensors shadowed by the ``k`` selected rows,
-  ``W[e] + delta[e]`` (the ids renumbered ``0..k-1``).
+  ``W[e] + delta[e]`` (the ids renumbered ``0..k-1``);
+- the pairs routed to frozen experts, with the module as it is; on a 4-bit base (``quantized.py``), one call per group
+  of experts that receives pairs, each shadowed by its group's rows alone (renumbered like the selected ones), so at
+  most one group is dequantized at a time.
 
 The pair outputs are put back in pair order, weighted and summed over the ``K`` slots as the implementations do
 (``(out * w).view(T, K, H).sum(dim=1)``), so under grouped_mm and batched_mm a zero delta reproduces the base bit
 for bit (on CPU, except where an elementwise step runs on a whole contiguous tensor: docs/concepts.md). The formed
-``W + delta`` is not kept for backward: it is formed again there (:class:`FormedWeights`).
+``W + delta`` and dequantized rows are not kept for backward: they are formed again there (:class:`FormedWeights`).
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
@@ -45,20 +48,21 @@ class FormedWeights:
         base: dict[str, torch.Tensor],
         ids: list[int],
         deltas: Deltas,
-        rows: Optional[Callable[[str, list[int]], torch.Tensor]] = None,
+        rows: Optional[dict[str, Callable[[list[int]], torch.Tensor]]] = None,
         formed_again: Optional[Iterable[str]] = None,
     ) -> None:
-        """``rows(name, ids)`` reads the base rows (default ``base[name][ids]``; a 4-bit store gives its kept rows or
-        dequantizes); ``formed_again`` names the tensors formed again in backward instead of saved (default: those
-        with deltas)."""
+        """``rows[name](ids)`` reads the base rows of ``name`` (default ``base[name][ids]``; a 4-bit store gives its
+        kept or dequantized rows); ``formed_again`` names the tensors formed again in backward instead of saved
+        (default: those with deltas)."""
         self.base, self.ids, self.deltas = base, ids, deltas
-        self.rows = rows or (lambda name, ids: expert_rows(self.base[name], ids))
+        self.rows = rows or {}
         self.formed_again = set(deltas if formed_again is None else formed_again)
         self._storages: dict[int, str] = {}
         self._again: dict[str, torch.Tensor] = {}
 
     def _form(self, name: str) -> torch.Tensor:
-        rows = self.rows(name, self.ids)
+        read = self.rows.get(name)
+        rows = read(self.ids) if read is not None else expert_rows(self.base[name], self.ids)
         return with_delta(rows, self.deltas[name]) if name in self.deltas else rows
 
     def form(self) -> dict[str, torch.Tensor]:
@@ -120,64 +124,66 @@ def per_expert_tensors(experts: nn.Module, num_experts: int) -> dict[str, torch.
     return {name: t for name, t in tensors.items() if t.dim() and logical_shape(t)[0] == num_experts}
 
 
-def _call_selected(experts: nn.Module, ids: list[int], deltas: Deltas, args: tuple) -> torch.Tensor:
-    """``experts(*args)`` (ids ``0..k-1``) computed by the selected experts, with their ``W + delta`` (on a 4-bit
-    base, ``W`` is the store's kept original rows)."""
+def _call_rows(
+    experts: nn.Module, ids: list[int], deltas: Deltas, args: tuple,
+    rows: Optional[dict[str, Callable[[list[int]], torch.Tensor]]] = None, formed_again: Optional[Iterable[str]] = None,
+) -> torch.Tensor:
+    """``experts(*args)`` (ids ``0..k-1``) computed by experts ``ids`` alone: the module is called (hooks included)
+    with ``num_experts = k`` and its per-expert tensors shadowed by those experts' rows (:class:`FormedWeights`),
+    plus their deltas."""
     base = per_expert_tensors(experts, experts.num_experts)
-    store = frozen_store(experts)
-    rows = None
-    if store is not None:
-        rows = lambda name, ids: store.rows(name, ids) if name in store.shapes else expert_rows(base[name], ids)  # noqa: E731
-    formed = FormedWeights(base, ids, deltas, rows=rows)
-
+    formed = FormedWeights(base, ids, deltas, rows=rows, formed_again=formed_again)
     num_experts = experts.num_experts
     experts.num_experts = len(ids)
     try:
-        with formed.saving(), _selected_call(store):
+        with formed.saving(), _shadowed_call(frozen_store(experts)):
             return call_shadowed(experts, lambda module: formed.form(), args)
     finally:
         experts.num_experts = num_experts
 
 
+def _call_selected(experts: nn.Module, ids: list[int], deltas: Deltas, args: tuple) -> torch.Tensor:
+    """``experts(*args)`` (ids ``0..k-1``) computed by the selected experts, with their ``W + delta`` (on a 4-bit
+    base, ``W`` is the store's kept original rows)."""
+    store = frozen_store(experts)
+    rows = None if store is None else {name: functools.partial(store.rows, name) for name in store.shapes}
+    return _call_rows(experts, ids, deltas, args, rows=rows)
+
+
+def _call_group(experts: nn.Module, store: FrozenExperts4bit, group: int, args: tuple) -> torch.Tensor:
+    """``experts(*args)`` (ids ``0..n-1``) computed by the experts of the store's ``group`` alone, with their kept or
+    dequantized rows, formed for this call and again in backward (not kept)."""
+    rows = {name: lambda _ids, name=name: store.group_rows(name, group) for name in store.shapes}
+    return _call_rows(experts, store.groups[group], {}, args, rows=rows, formed_again=store.shapes)
+
+
 @contextmanager
-def _selected_call(store: Optional[FrozenExperts4bit]) -> Iterator[None]:
-    """While the selected call runs, the 4-bit store's hooks (:func:`hold_dequantized`) leave the module to it."""
+def _shadowed_call(store: Optional[FrozenExperts4bit]) -> Iterator[None]:
+    """While a call with shadowed weights runs, the 4-bit store's forward (:func:`hold_dequantized`) is the
+    module's own."""
     if store is None:
         yield
         return
-    store.selected_call = True
+    store.shadowed_call = True
     try:
         yield
     finally:
-        store.selected_call = False
+        store.shadowed_call = False
 
 
 def hold_dequantized(experts: nn.Module, store: FrozenExperts4bit) -> None:
-    """Hooks that let ``experts`` compute from its 4-bit store: every call (the frozen pairs, adapters disabled,
-    after ``unload()``) runs with the store's dequantized weights in place of the placeholders. Like the selected
-    experts' ``W + delta``, they are not kept for backward but dequantized again there."""
-    active: list[Any] = []
+    """Let ``experts`` compute from its 4-bit store: a plain call of the module (adapters disabled, a base sample,
+    after ``unload()``) runs as the route-split compute with no selected expert, so each group of experts that
+    receives pairs is computed by its own call, with its own rows (dequantized for that call and again in backward,
+    not kept). The calls with shadowed weights run the module's forward as it was."""
+    own_forward = experts.forward
 
-    def before(module: nn.Module, _args: tuple) -> None:
-        if store.selected_call:
-            active.append(None)
-            return
-        formed = FormedWeights(dict.fromkeys(store.shapes), list(range(store.num_experts)), {},
-                               rows=lambda name, _ids: store.dequantized(name), formed_again=store.shapes)
-        saving = formed.saving()
-        saving.__enter__()
-        active.append(saving)
-        vars(module).update(formed.form())
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if store.shadowed_call:
+            return own_forward(*args, **kwargs)
+        return FusedCompute().compute(experts, [], {}, args, kwargs)
 
-    def after(module: nn.Module, _args: tuple, _output: Any) -> None:
-        saving = active.pop()
-        if saving is not None:
-            saving.__exit__(None, None, None)
-            for name in store.shapes:
-                vars(module).pop(name, None)
-
-    experts.register_forward_pre_hook(before)
-    experts.register_forward_hook(after, always_call=True)
+    vars(experts)["forward"] = forward
 
 
 class _PairRows(torch.autograd.Function):
@@ -222,38 +228,51 @@ class FusedCompute(ExpertsCompute):
         device = hidden.device
         experts = top_k_index.reshape(-1)
 
-        # Which pairs each call computes, and in which order they are fed: grouped_mm sorts a call's pairs by expert
-        # (an unstable sort) and a GEMM row's rounding depends on its position in its expert's group, so each call
-        # is fed its pairs such that its own sort puts every group in the base call's order (the unstable sort of
-        # one sequence is one permutation: the fed keys are that sorted sequence, the rows placed where the sort
-        # takes them from). Reading how many pairs reach selected experts is this forward's one host read.
+        # Which call computes each pair (0: the selected experts; then the frozen experts, in one call, or on a 4-bit
+        # base one call per group of experts) and its expert id in that call.
+        store = frozen_store(target)
         if pair_rows is None:
             lookup = torch.full((self.layout.num_experts(target),), -1, dtype=experts.dtype, device=device)
             lookup[ids_tensor(tuple(ids), device)] = torch.arange(len(ids), dtype=experts.dtype, device=device)
             pair_rows = lookup[experts]  # selected expert j -> j, any other -> -1
-        local = pair_rows
-        keys = torch.where(local < 0, experts, local)  # the expert id each pair has in its call
+        chosen = pair_rows >= 0
+        if store is None:
+            call, keys, calls = (~chosen).to(experts.dtype), torch.where(chosen, pair_rows, experts), 2
+        else:
+            call = torch.where(chosen, 0, ids_tensor(store.group_of, device)[experts] + 1)
+            keys = torch.where(chosen, pair_rows, ids_tensor(store.key_of, device)[experts]).to(experts.dtype)
+            calls = 1 + len(store.groups)
+
+        # The order each call is fed its pairs in: grouped_mm sorts a call's pairs by expert (an unstable sort) and a
+        # GEMM row's rounding depends on its position in its expert's group, so each call is fed its pairs such that
+        # its own sort puts every expert's pairs in the base call's order (the unstable sort of one sequence is one
+        # permutation: the fed keys are that sorted sequence, the rows placed where the sort takes them from).
+        # Reading how many pairs each call gets is this forward's one host read; calls without pairs are skipped.
         base_order = torch.sort(experts).indices  # the base call's grouping
-        base_order = base_order[torch.sort((local[base_order] < 0).to(torch.uint8), stable=True).indices]
-        selected = int((local >= 0).sum())
-        chosen, frozen = base_order[:selected], base_order[selected:]
-        chosen = chosen[torch.sort(keys[chosen], stable=True).indices]  # grouped by selected row j
-        order = torch.cat([_fed(chosen, keys), _fed(frozen, keys)])
+        rank = call * (len(ids) + self.layout.num_experts(target)) + keys  # by call, then by key (stable: base order)
+        base_order = base_order[torch.sort(rank.index_select(0, base_order), stable=True).indices]
+        counts = torch.bincount(call, minlength=calls).tolist()
+        order = torch.cat([_fed(pairs, keys) for pairs in base_order.split(counts)])
         rows = _PairRows.apply(hidden, order, num_top_k)
         keys = keys.index_select(0, order).unsqueeze(-1)
         # Each call weighs its pairs by one; the routing weights are applied below, on the pair outputs as the call
         # returns them (its dtype: it rounds to the hidden dtype), with the base's own product and dtype promotion.
         ones = hidden.new_ones(order.numel(), 1)
-        parts = []
-        if selected:
-            args = (rows[:selected], keys[:selected], ones[:selected])
-            parts.append(_call_selected(target, ids, deltas, args))
-        if selected < order.numel():
-            parts.append(target(rows[selected:], keys[selected:], ones[selected:]))
+        parts, start = [], 0
+        for index, count in enumerate(counts):
+            if count:
+                args = (rows[start : start + count], keys[start : start + count], ones[start : start + count])
+                if index == 0:
+                    parts.append(_call_selected(target, ids, deltas, args))
+                elif store is None:
+                    parts.append(target(*args))
+                else:
+                    parts.append(_call_group(target, store, index - 1, args))
+            start += count
         out = permute_rows(torch.cat(parts) if len(parts) > 1 else parts[0], inverse_permutation(order), order)
         out = out * top_k_weights.reshape(-1, 1)
         out = out.view(num_tokens, num_top_k, -1).sum(dim=1)  # as the implementations sum a token's slots
-        if not selected and torch.is_grad_enabled():  # no pair reached a selected expert: zero gradients, not none
+        if not counts[0] and deltas and torch.is_grad_enabled():  # no pair reached a selected expert: zero gradients
             out = out + sum(t.sum() * 0 for delta in deltas.values() for t in delta_tensors(delta))
         return out.to(hidden.dtype).view(*shape[:-1], -1)
 
