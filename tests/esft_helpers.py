@@ -122,3 +122,18 @@ def assert_generates_as_alone(model: nn.Module, input_ids: torch.Tensor, names: 
             model.set_adapter(name)
             alone = model.generate(**single)
         assert torch.equal(mixed[i], alone[0]), (i, name)
+
+
+def demo_workspace(root: Path, texts: int) -> nn.Module:
+    """The demo's quick model (seed 0) and tokenizer saved in ``root/model``, and ``texts`` samples of its "double"
+    task in ``root/data.jsonl`` (the CLI's inputs); returns the model."""
+    from esft_peft import demo
+    from esft_peft.demo import synthetic_tasks as st
+
+    model = demo.build_model(demo.load_settings("quick"), seed=0)
+    model.save_pretrained(root / "model")
+    st.build_tokenizer().save_pretrained(root / "model")
+    with open(root / "data.jsonl", "w") as handle:
+        for text in st.make_texts("double", texts):
+            handle.write(json.dumps({"text": text}) + "\n")
+    return model

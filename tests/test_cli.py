@@ -8,9 +8,9 @@ import torch
 from huggingface_hub import HfApi
 from safetensors import safe_open
 
-from esft_peft import demo
 from esft_peft.demo import synthetic_tasks as st
 from esft_peft.cli.main import build_parser, main
+from esft_helpers import demo_workspace
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'user' %} ={% endif %} {% endfor %}"
 
@@ -18,12 +18,7 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'us
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    model = demo.build_model(demo.load_settings("quick"), seed=0)
-    model.save_pretrained(root / "model")
-    st.build_tokenizer().save_pretrained(root / "model")
-    with open(root / "data.jsonl", "w") as handle:
-        for text in st.make_texts("double", 24):
-            handle.write(json.dumps({"text": text}) + "\n")
+    demo_workspace(root, 24)
     with open(root / "chat.jsonl", "w") as handle:
         for text in st.make_texts("copy", 8):
             prompt, answer = text.split(" = ")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from esft_peft import ESFTConfig, ExpertsDeltaLayer, ModuleDeltaLayer, find_moe_layers
 from esft_peft.interop.official import official_state_dict
-from esft_helpers import assert_reproduces_base, batch, logits, selection, train_steps
+from esft_helpers import assert_reproduces_base, batch, demo_workspace, logits, selection, train_steps
 from tiny_families import make_model
 
 # fused (plain, gpt-oss transposed with biases, deepseek-v2 with shared experts), ModuleList, and the layouts outside
@@ -323,14 +323,8 @@ def test_hub_card_reports_rank_and_adapter_size(tmp_path):
 def test_cli_trains_low_rank_reports_size_and_exports_exactly(tmp_path, capsys):
     from esft_peft import demo
     from esft_peft.cli.main import main
-    from esft_peft.demo import synthetic_tasks as st
 
-    model = demo.build_model(demo.load_settings("quick"), seed=0)
-    model.save_pretrained(tmp_path / "model")
-    st.build_tokenizer().save_pretrained(tmp_path / "model")
-    with open(tmp_path / "data.jsonl", "w") as handle:
-        for text in st.make_texts("double", 16):
-            handle.write(json.dumps({"text": text}) + "\n")
+    model = demo_workspace(tmp_path, 16)
     layer = next(iter(find_moe_layers(model)))
     (tmp_path / "expert_cfg.json").write_text(json.dumps({"experts": {layer: [0, 3]}, "shared_experts": False,
                                                           "non_expert_modules": False}))
